@@ -1,0 +1,3 @@
+"""trimkv: memory-bounded LLM inference with learned KV-cache retention."""
+
+__version__ = "0.1.0"
