@@ -289,7 +289,9 @@ class EvictionLayer(DynamicLayer):
             lowest = torch.finfo(torch.float32).min
             scores = torch.nan_to_num(self.policy.score(self).float(), nan=lowest, neginf=lowest)
             scores = scores.masked_fill(~valid, float("-inf"))
-            top = scores.topk(self.budget, dim=-1).indices
+            # A stable sort breaks exact ties (common after max pooling) in favour of the earlier
+            # slot, so a padded row and the same prompt alone keep the same tokens.
+            top = scores.sort(dim=-1, descending=True, stable=True).indices[..., : self.budget]
             keep = torch.zeros_like(valid)
             keep.scatter_(-1, top, True)
             keep &= valid

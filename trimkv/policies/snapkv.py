@@ -30,12 +30,12 @@ class SnapKV(Policy):
 
     Args:
         window: observation window size in tokens (default 32, as in the original code).
-        kernel: pooling width, odd (default 7).
-        pooling: "avg" or "max" (default "max").
+        kernel: pooling width, odd (default 5, as in the original code).
+        pooling: "avg" or "max" (default "avg", as in the original code).
         gqa_reduce: "mean" or "max" over the query heads of a KV group.
     """
 
-    def __init__(self, window: int = 32, kernel: int = 7, pooling: str = "max", gqa_reduce: str = "mean"):
+    def __init__(self, window: int = 32, kernel: int = 5, pooling: str = "avg", gqa_reduce: str = "mean"):
         self.window = int(window)
         self.kernel = int(kernel)
         self.pooling = str(pooling)

@@ -2,4 +2,7 @@
 
 from trimkv.tasks.base import GradeResult, Sample, Task, build_task, register_task
 
+# Importing the task modules registers them.
+import trimkv.tasks.math  # noqa: E402,F401  (gsm8k, math500, aime24)
+
 __all__ = ["GradeResult", "Sample", "Task", "build_task", "register_task"]
