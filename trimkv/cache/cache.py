@@ -38,16 +38,23 @@ class EvictionCache(Cache):
         self.buffer = buffer
 
     def stats(self) -> dict[str, Any]:
-        """Retained-token statistics over all layers."""
+        """Retained-token statistics.
+
+        Every layer holds the same number of real tokens per row (all heads keep `budget`), so the
+        per-row numbers come from the first layer: `retained_peak` and `retained_mean` are the max
+        and mean over forward passes of real tokens held after eviction; `peak_slots` is the most
+        slots any layer held while attending (before eviction, padding included).
+        """
         layers = [layer for layer in self.layers if layer.is_initialized]
-        if not layers:
-            return {"peak_retained": 0, "peak_slots": 0, "evictions": 0, "tokens_seen": 0}
+        if not layers or layers[0].forward_steps == 0:
+            return {"retained_peak": [], "retained_mean": [], "peak_slots": 0, "evictions": 0, "tokens_seen": 0}
+        first = layers[0]
         return {
-            "peak_retained": max(layer.peak_retained for layer in layers),
+            "retained_peak": first.retained_peak.tolist(),
+            "retained_mean": (first.retained_sum.float() / first.forward_steps).tolist(),
             "peak_slots": max(layer.peak_slots for layer in layers),
             "evictions": sum(layer.evictions for layer in layers),
-            "tokens_seen": layers[0].seen,
-            "retained_per_row": layers[0].valid_stored.tolist(),
+            "tokens_seen": first.seen,
         }
 
 

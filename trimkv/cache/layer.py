@@ -85,6 +85,9 @@ class EvictionLayer(DynamicLayer):
         self.evictions = 0
         self.peak_slots = 0  # max slots held while attending (before eviction)
         self.peak_retained = 0  # max slots held after a forward pass (after eviction)
+        self.forward_steps = 0
+        self.retained_sum: torch.Tensor | None = None  # (batch,) real tokens held, summed over forwards
+        self.retained_peak: torch.Tensor | None = None  # (batch,) max real tokens held after a forward
         self.history: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ transformers protocol
@@ -155,6 +158,9 @@ class EvictionLayer(DynamicLayer):
         self.fields = {name: tensor[indices] for name, tensor in self.fields.items()}
         self.valid_seen = self.valid_seen[indices]
         self.valid_stored = self.valid_stored[indices]
+        if self.retained_sum is not None:
+            self.retained_sum = self.retained_sum[indices]
+            self.retained_peak = self.retained_peak[indices]
         self.state = {name: value[indices] if torch.is_tensor(value) else value for name, value in self.state.items()}
         self._refresh_views()
 
@@ -300,6 +306,12 @@ class EvictionLayer(DynamicLayer):
             self.valid_stored = torch.where(triggered, torch.full_like(self.valid_stored, self.budget), self.valid_stored)
             self.evictions += 1
         self.peak_retained = max(self.peak_retained, self.length)
+        if self.retained_sum is None:
+            self.retained_sum = torch.zeros_like(self.valid_stored)
+            self.retained_peak = torch.zeros_like(self.valid_stored)
+        self.retained_sum += self.valid_stored
+        self.retained_peak = torch.maximum(self.retained_peak, self.valid_stored)
+        self.forward_steps += 1
         if self.record_history:
             self.history.append(self.slot_positions.clone())
 
