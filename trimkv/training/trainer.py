@@ -85,7 +85,7 @@ def distillation_step(model, gates_capture: GateCapture, batch: dict[str, torch.
         metrics[f"occupancy/layer{index}"] = float(occupancy.detach().amax(dim=-1).mean())
     capacity = torch.stack(capacity_terms).mean()
     total = loss_cfg.kl_weight * kl + loss_cfg.ntp_weight * ntp + loss_cfg.capacity_weight * capacity
-    metrics.update({"loss": float(total), "loss/kl": float(kl), "loss/ntp": float(ntp), "loss/capacity": float(capacity)})
+    metrics.update({"loss": total.item(), "loss/kl": kl.item(), "loss/ntp": ntp.item(), "loss/capacity": capacity.item()})
     return total, metrics
 
 
