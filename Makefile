@@ -10,7 +10,8 @@ TORCH_SPEC ?= torch==2.13.0
 # The oldest transformers release in the supported range (pyproject.toml).
 TRANSFORMERS_MIN ?= transformers==5.2.0
 # Tests that exercise the transformers integration, rerun on the oldest supported release.
-INTEGRATION_TESTS ?= tests/test_compat.py tests/test_eviction_masked_reference.py tests/test_eviction_generate.py tests/test_policies.py
+INTEGRATION_TESTS ?= tests/test_compat.py tests/test_eviction_masked_reference.py tests/test_eviction_generate.py \
+	tests/test_policies.py tests/test_chunked_prefill.py
 
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 

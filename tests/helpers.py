@@ -36,19 +36,24 @@ def prepare(model, method: str, attn: str = "sdpa"):
     return model
 
 
-def run_greedy(model, prompt_ids, method, budget, buffer, steps, **overrides):
-    """Prefill `prompt_ids` (batch 1), then `steps` greedy decode steps, one forward each.
+def run_greedy(model, prompt_ids, method, budget, buffer, steps, prefill_chunk=None, **overrides):
+    """Prefill `prompt_ids` (batch 1, in chunks of `prefill_chunk` tokens when set), then `steps`
+    greedy decode steps, one forward each.
 
     Returns (fed ids (1, T), logits of every fed position (T, vocab), cache, step bounds).
     """
     params = {**POLICY_PARAMS[method], **overrides}
     cache = build_cache(model, method, budget, buffer, record_history=True, **params)
     prompt_length = prompt_ids.shape[1]
+    chunk = prefill_chunk or prompt_length
     with torch.no_grad():
-        out = model(input_ids=prompt_ids, **cache_kwargs(cache))
-        rows = [out.logits[0]]
-        fed = [prompt_ids]
-        bounds = [(0, prompt_length)]
+        rows, fed, bounds = [], [], []
+        for start in range(0, prompt_length, chunk):
+            piece = prompt_ids[:, start : start + chunk]
+            out = model(input_ids=piece, **cache_kwargs(cache))
+            rows.append(out.logits[0])
+            fed.append(piece)
+            bounds.append((start, start + piece.shape[1]))
         for step in range(steps):
             next_id = out.logits[:, -1].argmax(dim=-1, keepdim=True)
             out = model(input_ids=next_id, **cache_kwargs(cache))

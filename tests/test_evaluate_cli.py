@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -48,10 +49,11 @@ def test_evaluate_gsm8k_records_with_every_method(qwen3_model_dir, qwen3_tokeniz
         f"gates={random_gates}", "num_threads=1", "method=" + ",".join(METHODS), f"hydra.sweep.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    job_dirs = sorted(path for path in tmp_path.iterdir() if path.is_dir() and (path / "metrics.json").exists())
-    assert [path.name.split("_")[2] for path in job_dirs] == METHODS
+    job_dirs = {json.loads(path.read_text())["method"]["name"]: path.parent for path in tmp_path.rglob("metrics.json")}
+    assert sorted(job_dirs) == sorted(METHODS)
+    assert job_dirs["h2o"] == tmp_path / "gsm8k" / "qwen3" / "h2o_b48_buf2_seed0"
 
-    for job_dir, method in zip(job_dirs, METHODS):
+    for method, job_dir in job_dirs.items():
         metrics = json.loads((job_dir / "metrics.json").read_text())
         samples = [json.loads(line) for line in (job_dir / "samples.jsonl").read_text().splitlines()]
         assert metrics["method"]["name"] == method
@@ -80,7 +82,7 @@ def test_multirun_sweeps_methods_and_budgets(synthetic_model_dir, tmp_path):
     result = run_script("evaluate.py", "-m", f"model.path={synthetic_model_dir}", "limit=2", "num_threads=1",
                         "method=h2o,snapkv,streamingllm", "budget=64,128", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/metrics.json"))]
+    metrics = [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("metrics.json"))]
     assert sorted((m["method"]["name"], m["budget"]) for m in metrics) == sorted(
         (method, budget) for method in ("h2o", "snapkv", "streamingllm") for budget in (64, 128))
 
@@ -123,9 +125,54 @@ def test_gates_for_another_model_are_rejected(synthetic_model_dir, random_gates,
 def test_missing_data_file_and_malformed_line_are_named(synthetic_model_dir, tmp_path):
     cfg = compose_evaluate(f"model.path={synthetic_model_dir}", "task=gsm8k", f"task.data_path={tmp_path / 'none.jsonl'}")
     with pytest.raises(Exception, match="none.jsonl"):
-        evaluate(cfg, tmp_path)
+        evaluate(cfg, tmp_path / "missing")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": oops}\n')
     cfg = compose_evaluate(f"model.path={synthetic_model_dir}", "task=gsm8k", f"task.data_path={broken}")
     with pytest.raises(Exception, match=r"broken.jsonl:2"):
-        evaluate(cfg, tmp_path)
+        evaluate(cfg, tmp_path / "malformed")
+
+
+def test_killed_run_resumes_without_losing_or_duplicating_samples(synthetic_model_dir, tmp_path):
+    common = [f"model.path={synthetic_model_dir}", "limit=24", "batch_size=2", "num_threads=1", "method=h2o",
+              "budget=32", "task.generation.do_sample=true", "task.generation.temperature=1.0"]
+    reference_dir = tmp_path / "uninterrupted"
+    assert run_script("evaluate.py", *common, f"hydra.run.dir={reference_dir}").returncode == 0
+
+    resumed_dir = tmp_path / "resumed"
+    process = subprocess.Popen([sys.executable, str(REPO / "evaluate.py"), *common, f"hydra.run.dir={resumed_dir}"],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples = resumed_dir / "samples.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not samples.exists() or len(samples.read_text().splitlines()) < 6):
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    written = len(samples.read_text().splitlines())
+    assert 6 <= written < 24, written  # killed mid-run
+    # A torn last line, as a kill during a write leaves it.
+    with samples.open("a") as handle:
+        handle.write('{"task": "synthetic", "id": "synth')
+
+    result = run_script("evaluate.py", *common, f"hydra.run.dir={resumed_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    reference = json.loads((reference_dir / "metrics.json").read_text())
+    resumed = json.loads((resumed_dir / "metrics.json").read_text())
+    assert resumed["samples_resumed"] >= 6
+    for key in ("accuracy", "num_problems", "num_samples", "mean_retained", "peak_retained"):
+        assert resumed[key] == reference[key], key
+
+    def keyed(path):
+        return {(r["id"], r["sample"]): r["completion"] for r in map(json.loads, path.read_text().splitlines())}
+
+    resumed_records = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(resumed_records) == 24 == len({(r["id"], r["sample"]) for r in resumed_records})
+    assert keyed(samples) == keyed(reference_dir / "samples.jsonl")
+
+
+def test_rerun_with_other_settings_in_same_folder_is_rejected(synthetic_model_dir, tmp_path):
+    cfg = compose_evaluate(f"model.path={synthetic_model_dir}", "limit=2", "num_threads=1")
+    evaluate(cfg, tmp_path)
+    changed = compose_evaluate(f"model.path={synthetic_model_dir}", "limit=2", "num_threads=1", "budget=99")
+    with pytest.raises(ValueError, match="different settings.*budget"):
+        evaluate(changed, tmp_path)

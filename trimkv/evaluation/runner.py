@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from trimkv.cache import build_cache, enable_eviction, validate_budget
+from trimkv.evaluation.resume import check_run_config, finished_keys, load_finished, result_settings
 from trimkv.compat import cache_kwargs
 from trimkv.gates import load_gates, set_gate_mode
 from trimkv.models.loading import load_model, load_tokenizer
@@ -113,6 +114,9 @@ def evaluate(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
     """Run the configured evaluation and return its metrics (also written to metrics.json)."""
     output_dir = Path(output_dir)
     budget, buffer, policy = check_settings(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    check_run_config(output_dir, result_settings(resolved))
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     torch.manual_seed(int(cfg.seed))
@@ -135,25 +139,41 @@ def evaluate(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
     elif cfg.get("gates"):
         log.warning("gates=%s ignored: method %s does not use retention gates", cfg.gates, policy.name)
 
-    tracker = Tracker(cfg.get("logger"), OmegaConf.to_container(cfg, resolve=True), str(output_dir), job_type="evaluate")
+    tracker = Tracker(cfg.get("logger"), resolved, str(output_dir), job_type="evaluate")
     samples_path = output_dir / SAMPLES_FILE
-    samples_path.unlink(missing_ok=True)
+    records = load_finished(samples_path)
+    done = finished_keys(records)
+    if done:
+        log.info("resuming: %d of %d samples already in %s", len(done), len(jobs), samples_path)
     eos_ids = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     batch_size = int(cfg.batch_size)
+    prefill_chunk = cfg.get("prefill_chunk")
+    if prefill_chunk is not None and (int(prefill_chunk) < 1):
+        raise ValueError(f"prefill_chunk must be a positive integer or null, got {prefill_chunk} (e.g. prefill_chunk=3072)")
+    if prefill_chunk and batch_size > 1:
+        # NOTE: generate cuts every row of a left-padded batch at the same stream offsets, so a
+        # padded row's chunks (and thus its evictions) end at other positions than in a batch-1 run.
+        log.warning("prefill_chunk with batch_size > 1: padded rows are chunked at different positions than alone")
 
-    records: list[dict[str, Any]] = []
     generated_tokens = 0
     generate_seconds = 0.0
-    for start in tqdm(range(0, len(jobs), batch_size), desc=f"{task.name}/{policy.name}", unit="batch"):
-        batch = jobs[start : start + batch_size]
+    batches = [jobs[start : start + batch_size] for start in range(0, len(jobs), batch_size)]
+    for batch_index, batch in enumerate(tqdm(batches, desc=f"{task.name}/{policy.name}", unit="batch")):
+        if all((str(sample.id), index) in done for sample, index in batch):
+            continue
         prompts = [task.format_prompt(sample, tokenizer) for sample, _ in batch]
         encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
         prompt_length = encoded["input_ids"].shape[1]
         cache = build_cache(model, policy, budget if policy.evicts else None, buffer)
+        kwargs = generation_kwargs(generation, prompt_length, tokenizer)
+        if prefill_chunk:
+            kwargs["prefill_chunk_size"] = int(prefill_chunk)
+        # Seeding per batch makes a resumed run sample exactly what an uninterrupted run samples.
+        torch.manual_seed(int(cfg.seed) * 1_000_003 + batch_index)
         began = time.perf_counter()
         with torch.no_grad():
-            output = model.generate(**encoded, **generation_kwargs(generation, prompt_length, tokenizer), **cache_kwargs(cache))
+            output = model.generate(**encoded, **kwargs, **cache_kwargs(cache))
         generate_seconds += time.perf_counter() - began
 
         new_ids = output[:, prompt_length:]
@@ -161,6 +181,8 @@ def evaluate(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
         stats = cache.stats()
         batch_records = []
         for row, ((sample, sample_index), length) in enumerate(zip(batch, lengths)):
+            if (str(sample.id), sample_index) in done:
+                continue
             completion = tokenizer.decode(new_ids[row, :length], skip_special_tokens=True)
             result = task.grade(completion, sample)
             batch_records.append(_sample_record(task.name, sample, sample_index, completion, result, length,
@@ -170,6 +192,7 @@ def evaluate(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
         records += batch_records
 
     metrics = summarize(records, generated_tokens, generate_seconds)
+    metrics["samples_resumed"] = len(done)
     metrics.update({"task": task.name, "method": policy.describe(), "budget": budget, "buffer": buffer,
                     "model": str(cfg.model.path)})
     atomic_write_json(output_dir / METRICS_FILE, metrics)
@@ -188,7 +211,7 @@ def _sample_record(task_name, sample: Sample, sample_index, completion, result, 
                    attention_mask, stats, row) -> dict[str, Any]:
     record = {
         "task": task_name,
-        "id": sample.id,
+        "id": str(sample.id),
         "sample": sample_index,
         "completion": completion,
         "extracted": result.extracted,
