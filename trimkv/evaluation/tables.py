@@ -10,6 +10,8 @@ from typing import Any, Iterable
 from trimkv.utils.io import atomic_write_bytes
 
 FULL = "full"
+LATEX_NAMES = {"streamingllm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV", "trimkv": "TRIM-KV",
+               "rkv": "R-KV", "keydiff": "KeyDiff", "knorm": "K-norm"}
 
 
 def collect_metrics(root: str | Path) -> list[dict[str, Any]]:
@@ -20,6 +22,10 @@ def collect_metrics(root: str | Path) -> list[dict[str, Any]]:
         metrics["run_dir"] = str(path.parent)
         results.append(metrics)
     return results
+
+
+def tasks_of(results: Iterable[dict[str, Any]]) -> list[str]:
+    return sorted({str(metrics.get("task")) for metrics in results})
 
 
 def _method_name(metrics: dict[str, Any]) -> str:
@@ -60,6 +66,31 @@ def markdown_table(results: Iterable[dict[str, Any]], task: str | None = None, p
     for method in methods:
         cells = [f"{grid[method][b] * scale:.1f}" if b in grid[method] else "-" for b in budgets]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def latex_table(results: Iterable[dict[str, Any]], task: str | None = None, caption: str | None = None) -> str:
+    """A booktabs LaTeX table (accuracy in %), the best method per budget in bold."""
+    methods, budgets, grid, full = accuracy_grid(results, task)
+    lines = ["\\begin{table}[t]", "\\centering", "\\begin{tabular}{l" + "r" * len(budgets) + "}", "\\toprule",
+             "Method & " + " & ".join(f"$M={budget}$" for budget in budgets) + " \\\\", "\\midrule"]
+    if full is not None:
+        lines.append("Full cache & " + " & ".join(f"{100 * full:.1f}" for _ in budgets) + " \\\\")
+        lines.append("\\midrule")
+    best = {b: max((grid[m][b] for m in methods if b in grid[m]), default=None) for b in budgets}
+    for method in methods:
+        cells = []
+        for budget in budgets:
+            if budget not in grid[method]:
+                cells.append("--")
+                continue
+            value = f"{100 * grid[method][budget]:.1f}"
+            cells.append(f"\\textbf{{{value}}}" if grid[method][budget] == best[budget] else value)
+        lines.append(f"{LATEX_NAMES.get(method, method)} & " + " & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if caption:
+        lines.append(f"\\caption{{{caption}}}")
+    lines.append("\\end{table}")
     return "\n".join(lines)
 
 
