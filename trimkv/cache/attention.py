@@ -18,6 +18,8 @@ transformers' repeat_kv assigns query heads to KV heads.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -67,6 +69,14 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout, kwar
     dropout = dropout if module.training else 0.0
     log_beta = getattr(module, "trimkv_log_beta", None)
     gated = log_beta is not None and getattr(module, "trimkv_gate_mode", "score") == "train"
+    training = getattr(module, "trimkv_training_attention", None)
+    if training is not None and not eager:
+        # Gate training (trimkv.training.attention): memory-efficient backends and packed documents.
+        if query.shape[2] != key.shape[2] or sliding_window is not None:
+            raise ValueError("gate training attends over the whole sequence in one forward, without a cache "
+                             "or a sliding window")
+        output = training.attend(query, key, value, log_beta if gated else None, scaling)
+        return output.transpose(1, 2).contiguous(), None
     return _uncached_attention(
         module, query, key, value, padding_mask, scaling, sliding_window, log_beta if gated else None, dropout, eager
     )
@@ -112,12 +122,18 @@ def _cached_attention(module, layer, query, key, value, padding_mask, scaling, s
     policy = layer.policy
 
     new_positions = layer.register_new_tokens(padding_mask)
+    started = _clock(layer)
     policy.on_append(layer, module, query, new_positions)
+    _stop_clock(layer, started)
 
     packed = _pack_queries(query, kv_heads)
     simple = not layer.has_invalid_slots and sliding_window is None
     probabilities = None
-    if eager:
+    if simple and length_q == 1 and policy.needs_attention:
+        # A decode step whose policy wants attention probabilities: one explicit softmax gives
+        # both the output and the statistics.
+        output, probabilities = _explicit_attention(packed, key, value, None, scaling)
+    elif eager:
         mask = _expand_groups(layer.visibility_mask(sliding_window), group)
         output, probabilities = _explicit_attention(packed, key, value, mask, scaling)
     elif simple and length_q == 1:
@@ -131,12 +147,28 @@ def _cached_attention(module, layer, query, key, value, padding_mask, scaling, s
         mask = _expand_groups(layer.visibility_mask(sliding_window), group)
         output = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
 
+    started = _clock(layer)
     if policy.needs_attention:
         weights = _attention_weights(layer, query, key, scaling, sliding_window, probabilities, policy.group_reduce)
         policy.observe_attention(layer, weights)
-
     layer.evict()
+    _stop_clock(layer, started)
     return _unpack_output(output, heads), None
+
+
+def _clock(layer: EvictionLayer) -> float | None:
+    if not layer.timing:
+        return None
+    if layer.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _stop_clock(layer: EvictionLayer, started: float | None) -> None:
+    if started is not None:
+        if layer.device.type == "cuda":
+            torch.cuda.synchronize()
+        layer.policy_seconds += time.perf_counter() - started
 
 
 def _attention_weights(layer, query, key, scaling, sliding_window, probabilities, group_reduce):
@@ -149,6 +181,8 @@ def _attention_weights(layer, query, key, scaling, sliding_window, probabilities
     if probabilities is not None:
         grouped = probabilities.float().view(batch, kv_heads, group, length_q, -1)
         reduced = reduce_groups(grouped, group_reduce, dim=2)
+        if length_q == 1 and not layer.has_invalid_slots:
+            return reduced[:, :, 0]
         return (reduced * real_queries[:, None, :, None]).sum(dim=2)
 
     visible = layer.visibility_mask(sliding_window)

@@ -78,6 +78,7 @@ class EvictionLayer(DynamicLayer):
         self.state: dict[str, Any] = {}  # policy state that is not per slot (e.g. a query window)
         self.valid_seen: torch.Tensor | None = None  # (batch,) valid tokens fed per row
         self.valid_stored: torch.Tensor | None = None  # (batch,) valid tokens held per row and head
+        self.stored_bound = 0  # host-side upper bound of valid_stored.max(), saves a sync per step
         self.new_positions: torch.Tensor | None = None  # (batch, q) logical positions of the current queries, -1 = pad
         self.has_invalid_slots = False  # host flag: some slot in [0, length) is empty or padding
 
@@ -86,6 +87,10 @@ class EvictionLayer(DynamicLayer):
         self.peak_slots = 0  # max slots held while attending (before eviction)
         self.peak_retained = 0  # max slots held after a forward pass (after eviction)
         self.forward_steps = 0
+        # Benchmark instrumentation: with `timing` on, the attention function adds the time spent
+        # in policy work (statistics, scoring, eviction) to `policy_seconds`.
+        self.timing = False
+        self.policy_seconds = 0.0
         self.retained_sum: torch.Tensor | None = None  # (batch,) real tokens held, summed over forwards
         self.retained_peak: torch.Tensor | None = None  # (batch,) max real tokens held after a forward
         self.history: list[torch.Tensor] = []
@@ -170,6 +175,11 @@ class EvictionLayer(DynamicLayer):
         index = torch.arange(self.key_buffer.shape[0], device=self.device).repeat_interleave(repeats)
         self.batch_select_indices(index)
 
+    def reset_peak_stats(self) -> None:
+        """Restart the `peak_slots` and `peak_retained` maxima from what the layer holds now."""
+        self.peak_slots = self.length
+        self.peak_retained = self.length
+
     # ------------------------------------------------------------------ storage
 
     def add_field(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -242,21 +252,25 @@ class EvictionLayer(DynamicLayer):
         query_length = self.pending
         start = self.length - query_length
         batch = self.key_buffer.shape[0]
+        self.stored_bound += query_length
         if padding_mask is None:
-            new_valid = torch.ones(batch, query_length, dtype=torch.bool, device=self.device)
+            # Every new token is real: positions continue from each row's count.
+            new_positions = self.valid_seen[:, None] + torch.arange(query_length, device=self.device)
+            self.valid_seen += query_length
+            self.valid_stored += query_length
         else:
             new_valid = padding_mask[:, -query_length:].to(device=self.device, dtype=torch.bool)
             if new_valid.shape[0] != batch:
                 new_valid = new_valid.expand(batch, -1)
-        new_positions = self.valid_seen[:, None] + new_valid.long().cumsum(dim=1) - 1
-        new_positions = new_positions.masked_fill(~new_valid, -1)
+            new_positions = self.valid_seen[:, None] + new_valid.long().cumsum(dim=1) - 1
+            new_positions = new_positions.masked_fill(~new_valid, -1)
+            new_counts = new_valid.sum(dim=1)
+            self.valid_seen += new_counts
+            self.valid_stored += new_counts
+            if not self.has_invalid_slots:
+                self.has_invalid_slots = bool((~new_valid).any())
 
         self.positions[:, :, start : self.length] = new_positions[:, None, :]
-        new_counts = new_valid.sum(dim=1)
-        self.valid_seen += new_counts
-        self.valid_stored += new_counts
-        if not self.has_invalid_slots and padding_mask is not None:
-            self.has_invalid_slots = bool((~new_valid).any())
         self.new_positions = new_positions
         self.pending = 0
         return new_positions
@@ -281,8 +295,12 @@ class EvictionLayer(DynamicLayer):
         if self.budget is None or not self.policy.evicts:
             return None
         threshold = self.budget + max(self.buffer, 1)
+        if self.stored_bound < threshold:
+            # No row can have reached the threshold: skip the device-to-host sync.
+            return None
         triggered = self.valid_stored >= threshold
         if not bool(triggered.any()):
+            self.stored_bound = int(self.valid_stored.max())
             return None
         return triggered
 
@@ -304,6 +322,7 @@ class EvictionLayer(DynamicLayer):
             keep = torch.where(triggered[:, None, None], keep, valid)
             self._compact(keep)
             self.valid_stored = torch.where(triggered, torch.full_like(self.valid_stored, self.budget), self.valid_stored)
+            self.stored_bound = int(self.valid_stored.max())
             self.evictions += 1
         self.peak_retained = max(self.peak_retained, self.length)
         if self.retained_sum is None:

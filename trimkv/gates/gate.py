@@ -57,9 +57,10 @@ class RetentionGate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # The gate runs in float32 whatever the model dtype: log beta near 0 needs the precision.
-        hidden_states = hidden_states.to(self.linear1.weight.dtype)
-        logits = self.linear2(self.act(self.linear1(hidden_states))) + self.bias
-        return F.logsigmoid(logits.float())
+        if hidden_states.dtype != self.linear1.weight.dtype:
+            hidden_states = hidden_states.to(self.linear1.weight.dtype)
+        logits = F.linear(self.act(self.linear1(hidden_states)), self.linear2.weight, self.bias)
+        return F.logsigmoid(logits)
 
 
 def gate_config_for(model: nn.Module, intermediate_size: int = 512, bias_init: float = 18.0) -> GateConfig:

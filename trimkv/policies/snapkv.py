@@ -57,15 +57,28 @@ class SnapKV(Policy):
             raise ValueError(f"method.gqa_reduce must be mean or max, got {self.group_reduce!r}")
 
     def on_append(self, layer, module, query, new_positions):
-        # Keep the post-RoPE queries of the last `window` tokens fed (batch, heads, window, dim).
+        # A ring of the post-RoPE queries of the last `window` tokens fed, (batch, heads, window, dim),
+        # with their logical positions (-1 = empty or padding); the order inside the ring is irrelevant.
         queries = layer.state.get("window_queries")
-        positions = layer.state.get("window_positions")
-        if queries is not None:
-            query = torch.cat((queries, query), dim=2)
-            new_positions = torch.cat((positions, new_positions), dim=1)
-        layer.state["window_queries"] = query[:, :, -self.window :].detach()
-        layer.state["window_positions"] = new_positions[:, -self.window :]
-        layer.state["scaling"] = module.scaling
+        if queries is None:
+            batch, heads, _, dim = query.shape
+            queries = query.new_zeros(batch, heads, self.window, dim)
+            layer.state["window_queries"] = queries
+            layer.state["window_positions"] = torch.full((batch, self.window), -1, dtype=torch.long, device=query.device)
+            layer.state["window_next"] = 0
+            layer.state["scaling"] = module.scaling
+        positions = layer.state["window_positions"]
+        count = query.shape[2]
+        if count >= self.window:
+            queries.copy_(query[:, :, -self.window :])
+            positions.copy_(new_positions[:, -self.window :])
+            layer.state["window_next"] = 0
+        else:
+            start = layer.state["window_next"]
+            slots = torch.arange(start, start + count, device=query.device) % self.window
+            queries[:, :, slots] = query.detach()
+            positions[:, slots] = new_positions
+            layer.state["window_next"] = (start + count) % self.window
 
     def score(self, layer):
         queries = layer.state["window_queries"]
