@@ -1,0 +1,1 @@
+"""Analyses of what the gates and the policies keep."""
