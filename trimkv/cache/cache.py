@@ -40,8 +40,8 @@ class EvictionCache(Cache):
     def stats(self) -> dict[str, Any]:
         """Retained-token statistics.
 
-        Every layer holds the same number of real tokens per row (all heads keep `budget`), so the
-        per-row numbers come from the first layer: `retained_peak` and `retained_mean` are the max
+        Every layer keeps the same number of real tokens per row (all heads keep `budget`), so the
+        per-row numbers come from the first layer. `retained_peak` and `retained_mean` are the max
         and mean over forward passes of real tokens held after eviction; `peak_slots` is the most
         slots any layer held while attending (before eviction, padding included).
         """
@@ -104,9 +104,9 @@ def _release_cache_layer(module: torch.nn.Module, args: tuple, kwargs: dict, out
 def enable_eviction(model: torch.nn.Module, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """Prepare `model` to run with EvictionCache (idempotent) and return it.
 
-    Switches the model to the trimkv attention function (`sdpa` or `eager` flavour) and adds a
-    forward pre-hook to every attention module that binds the module to its cache layer and, when
-    retention gates are attached, computes the step's log beta from the attention input. The
+    Switches the model to the trimkv attention function (`sdpa` or `eager` flavour). It also adds
+    a forward pre-hook to every attention module that binds the module to its cache layer and,
+    when retention gates are attached, computes the step's log beta from the attention input. The
     attention implementation is stored on `model.config`, so models that share one config object
     switch together; load each model with its own config.
     """

@@ -176,7 +176,7 @@ class EvictionLayer(DynamicLayer):
         self.batch_select_indices(index)
 
     def reset_peak_stats(self) -> None:
-        """Restart the `peak_slots` and `peak_retained` maxima from what the layer holds now."""
+        """Restart the `peak_slots` and `peak_retained` maxima from the slots in use now."""
         self.peak_slots = self.length
         self.peak_retained = self.length
 
@@ -190,7 +190,7 @@ class EvictionLayer(DynamicLayer):
         return self.fields[name]
 
     def field(self, name: str) -> torch.Tensor:
-        """The used part (batch, kv_heads, length) of a per-slot field."""
+        """Return the used part (batch, kv_heads, length) of a per-slot field."""
         return self.fields[name][:, :, : self.length]
 
     @property
@@ -202,7 +202,7 @@ class EvictionLayer(DynamicLayer):
         if needed <= self.capacity:
             return
         if self.budget is not None:
-            # An evicting layer holds at most budget + buffer slots between forwards, so size for
+            # An evicting layer keeps at most budget + buffer slots between forwards, so size for
             # that once and avoid regrowing every decode step.
             new_capacity = max(needed, self._steady_capacity())
         else:
@@ -278,8 +278,8 @@ class EvictionLayer(DynamicLayer):
     def visibility_mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """Which stored slot each new query may attend to, bool (batch, kv_heads, q, length).
 
-        A query sees a slot when the slot holds a real token at or before the query's position
-        (and within `sliding_window` of it, when set). Padding queries see every slot, which keeps
+        A query may attend to a slot that contains a real token at or before the query's position
+        (and within `sliding_window` of it, when set). Padding queries attend to every slot, which keeps
         their outputs finite; nothing downstream reads them.
         """
         slot_positions = self.slot_positions[:, :, None, :]

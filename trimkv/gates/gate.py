@@ -64,7 +64,7 @@ class RetentionGate(nn.Module):
 
 
 def gate_config_for(model: nn.Module, intermediate_size: int = 512, bias_init: float = 18.0) -> GateConfig:
-    """The GateConfig matching `model`'s hidden size, KV heads and depth."""
+    """Return the GateConfig matching `model`'s hidden size, KV heads and depth."""
     config = model.config
     return GateConfig(
         hidden_size=config.hidden_size,
@@ -118,7 +118,7 @@ def check_gate_fit(model: nn.Module, gate_config: GateConfig) -> None:
 
 
 def gates_of(model: nn.Module) -> list[RetentionGate]:
-    """The attached gates in layer order (empty when none are attached)."""
+    """Return the attached gates in layer order (empty when none are attached)."""
     gates = [getattr(module, "retention_gate", None) for module in decoder_attention_modules(model)]
     return [gate for gate in gates if gate is not None]
 

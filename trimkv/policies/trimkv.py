@@ -17,9 +17,9 @@ class TrimKV(Policy):
 
     Each token's log beta comes from the layer's retention gate when the token is created and
     never changes. The score is (t - i) * log beta_i with t the position of the next token, as in
-    the authors' released cache (their t + 1 - i with t the newest token); ranking by the decayed
-    retention itself gives the same order. Eviction runs whenever a row holds budget + buffer
-    tokens (the paper uses buffer 128 for math); positions are the original ones.
+    the authors' released cache (they write t + 1 - i with t the newest token). Ranking by the
+    decayed retention beta_i^(t - i) itself gives the same order. Eviction runs whenever a row
+    holds budget + buffer tokens (the paper uses buffer 128 for math); positions are the original ones.
 
     Args:
         window: number of most recent tokens always kept (default 0, the paper's setting).
