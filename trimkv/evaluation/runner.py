@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -193,6 +194,7 @@ def evaluate(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
 
     metrics = summarize(records, generated_tokens, generate_seconds)
     metrics["samples_resumed"] = len(done)
+    metrics.update(task_summary(task, records, metrics))
     metrics.update({"task": task.name, "method": policy.describe(), "budget": budget, "buffer": buffer,
                     "model": str(cfg.model.path)})
     atomic_write_json(output_dir / METRICS_FILE, metrics)
@@ -229,7 +231,25 @@ def _sample_record(task_name, sample: Sample, sample_index, completion, result, 
     score = getattr(result, "score", None)
     if score is not None:
         record["score"] = float(score)
+    metrics = getattr(result, "metrics", None)
+    if metrics:
+        record["metrics"] = metrics
     return record
+
+
+def task_summary(task: Any, records: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The task's own run metrics (judge accuracy, F1, ...) from the stored per-sample metrics.
+
+    When the task names a primary metric, it replaces `accuracy` and the mean of `correct` moves
+    to `correct_rate`.
+    """
+    results = [SimpleNamespace(metrics=record.get("metrics", {})) for record in records]
+    summary = dict(task.summarize(results))
+    primary = getattr(task, "primary_metric", None)
+    if primary is not None and primary in summary:
+        summary["correct_rate"] = metrics["accuracy"]
+        summary["accuracy"] = summary[primary] if summary[primary] is not None else float("nan")
+    return summary
 
 
 def summarize(records: list[dict[str, Any]], generated_tokens: int, generate_seconds: float) -> dict[str, Any]:

@@ -23,10 +23,15 @@ class Sample:
 
 @dataclass
 class GradeResult:
-    """The answer extracted from a completion (None when none was found) and whether it is correct."""
+    """The answer extracted from a completion (None when none was found) and whether it is correct.
+
+    `score` is the sample's value of a graded metric in [0, 1], such as LongProc's row-level F1
+    for HTML to TSV. None means the metric is `correct` itself, so the score is float(correct).
+    """
 
     extracted: str | None
     correct: bool
+    score: float | None = None
 
 
 class Task(ABC):
@@ -46,9 +51,17 @@ class Task(ABC):
     def load(self, limit: int | None = None) -> list[Sample]:
         """Return the first `limit` samples (all of them when `limit` is None)."""
 
+    # Name of the summary metric reported as a run's `accuracy` instead of the mean of `correct`
+    # (None keeps the mean of `score`, or of `correct` when a task sets no score).
+    primary_metric: str | None = None
+
     @abstractmethod
     def grade(self, completion: str, sample: Sample) -> GradeResult:
         """Grade one generated completion against the sample's gold answer."""
+
+    def summarize(self, results: list) -> dict:
+        """Return task-specific run metrics from the grade results (objects with `metrics`)."""
+        return {}
 
     def format_prompt(self, sample: Sample, tokenizer: Any) -> str:
         """Return the full prompt text, with the chat template applied when configured."""
