@@ -195,7 +195,7 @@ def evaluate(cfg: Any, output_dir: str | Path) -> dict[str, Any]:
     metrics = summarize(records, generated_tokens, generate_seconds)
     metrics["samples_resumed"] = len(done)
     metrics.update(task_summary(task, records, metrics))
-    metrics.update({"task": task.name, "method": policy.describe(), "budget": budget, "buffer": buffer,
+    metrics.update({"task": cfg.task.get("label", task.name), "method": policy.describe(), "budget": budget, "buffer": buffer,
                     "model": str(cfg.model.path)})
     atomic_write_json(output_dir / METRICS_FILE, metrics)
     tracker.summary({key: value for key, value in metrics.items() if isinstance(value, (int, float))})
