@@ -3,8 +3,10 @@
 For each context length and batch size, every policy prefills the same random prompt, then the
 policies decode in round-robin blocks of `--block` steps so they share whatever else the machine
 is doing, and ratios between them are comparable. Reported per policy:
-- decode tokens/s (all rows of the batch), and ms per step split into policy work (statistics,
-  scoring, eviction; timed inside the cache) and the rest of the model;
+- decode tokens/s (all rows of the batch) and its ratio to batch 1 at the same context, the
+  throughput gain of batching;
+- ms per step split into policy work (statistics, scoring, eviction; timed inside the cache) and
+  the rest of the model;
 - peak slots held per layer while attending and the retained KV bytes per layer that implies;
 - peak resident memory (VmHWM, reset before each block on Linux) and, on GPU, peak CUDA memory.
 The script asserts that no evicting cache ever held more than budget + max(buffer, 1) slots.
@@ -44,6 +46,9 @@ POLICY_SETTINGS = {
     "h2o": {"recent_ratio": 0.5},
     "snapkv": {"window": 32, "kernel": 5},
     "trimkv": {},
+    "rkv": {"window": 8},
+    "keydiff": {},
+    "knorm": {},
 }
 MODEL_SIZES = {
     # A tiny Qwen3 whose per-token attention cost is visible on a CPU.
@@ -184,13 +189,14 @@ def run_cell(model, policies, context, batch, budget, buffer, steps, block, devi
 
 
 def markdown(rows: list[dict], reference: str = "streamingllm") -> str:
-    lines = ["| context | batch | policy | tok/s | vs streamingllm | vs full | ms/step | policy ms/step (share) "
-             "| peak slots | KV MiB/layer | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| context | batch | policy | tok/s | vs batch 1 | vs streamingllm | vs full | ms/step "
+             "| policy ms/step (share) | peak slots | KV MiB/layer | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
             f"| {row['context']} | {row['batch']} | {row['policy']} | {row['tokens_per_second']:.1f} "
-            f"| {row.get('ratio_streamingllm', float('nan')):.2f} | {row.get('ratio_full', float('nan')):.2f} "
+            f"| {row.get('ratio_batch1', float('nan')):.2f} | {row.get('ratio_streamingllm', float('nan')):.2f} "
+            f"| {row.get('ratio_full', float('nan')):.2f} "
             f"| {row['ms_per_step']:.2f} | {row['policy_ms_per_step']:.3f} ({100 * row['policy_fraction']:.1f}%) "
             f"| {row['peak_slots']} | {row['retained_kv_bytes_per_layer'] / 2**20:.2f} | {row['peak_rss_mib']:.0f} |"
         )
@@ -249,14 +255,20 @@ def main() -> None:
     vocab = model.config.vocab_size
 
     rows = []
+    batch1_speeds = {}  # (context, policy) -> tokens/s at batch 1
     for context in args.contexts:
-        for batch in args.batches:
+        # Batch 1 first, so that every larger batch is compared with it.
+        for batch in sorted(args.batches):
             print(f"context {context}, batch {batch} ...", flush=True)
             cell = run_cell(model, args.policies, context, batch, args.budget, args.buffer, args.steps, args.block,
                             device, vocab)
             speeds = {row["policy"]: row["tokens_per_second"] for row in cell}
             for row in cell:
                 row.update({"context": context, "batch": batch})
+                if batch == 1:
+                    batch1_speeds[(context, row["policy"])] = row["tokens_per_second"]
+                if (context, row["policy"]) in batch1_speeds:
+                    row["ratio_batch1"] = row["tokens_per_second"] / batch1_speeds[(context, row["policy"])]
                 for reference in ("streamingllm", "full"):
                     if reference in speeds:
                         row[f"ratio_{reference}"] = row["tokens_per_second"] / speeds[reference]

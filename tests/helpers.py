@@ -14,6 +14,9 @@ POLICY_PARAMS = {
     "h2o": {"recent_ratio": 0.5},
     "snapkv": {"window": 4, "kernel": 3},
     "trimkv": {},
+    "rkv": {"window": 4},
+    "keydiff": {"block_size": 8},
+    "knorm": {},
 }
 POLICIES = list(POLICY_PARAMS)
 

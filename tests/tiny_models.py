@@ -32,6 +32,13 @@ def tiny_model(family: str = "qwen3", vocab_size: int = VOCAB, layers: int = 3, 
     torch.manual_seed(seed)
     if family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(num_key_value_heads=2, head_dim=16, **common))
+        # Fresh q_norm/k_norm weights are all 1, which gives every key the norm sqrt(head_dim) up
+        # to rounding, so key-norm scores would only compare rounding noise. Trained models have
+        # varied weights.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **common))
     elif family == "llama":
