@@ -2,6 +2,7 @@
 #            supported transformers release, in .venv-tf-min) and the kvpress parity check.
 # make parity: compare the kept tokens of our policies with NVIDIA kvpress's presses (.venv-kvpress).
 # make demo: train gates on the embedded tiny model and sweep the five policies over budgets.
+# make bench: decode speed and memory of every policy (scripts/benchmark.py).
 PYTHON ?= python3
 VENV ?= .venv
 VENV_MIN ?= .venv-tf-min
@@ -22,7 +23,7 @@ PARITY_TESTS ?= tests/test_kvpress_parity.py
 
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test test-main test-min parity demo clean
+.PHONY: install test test-main test-min parity demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +71,10 @@ parity: $(VENV_KVPRESS)/.installed
 
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(VENV)/bin/python scripts/demo.py
+
+# Decode speed and memory of every policy (docs/benchmarks.md); pass options with BENCH_ARGS.
+bench: $(VENV)/.installed
+	$(VENV)/bin/python scripts/benchmark.py $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
