@@ -17,6 +17,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# The session-scoped `slurm_cluster` fixture (a real single-node SLURM on 127.0.0.1).
+pytest_plugins = ["slurm_cluster"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 

@@ -8,6 +8,10 @@ Two formats are read:
   keys include `model.layers.{i}.self_attn.retention_gate.{linear1.weight, linear1.bias,
   linear2.weight, bias}`) beside a `config.json` with `base_model`, `memory_size` and
   `buffer_size`. The gate shape is read from the tensors.
+
+`gates=wandb:<entity>/<project>/<artifact name>:<version or alias>` names a W&B artifact of either
+format (train.py logs its gates as artifacts of type `retention-gates`). It is downloaded into
+`$TRIMKV_ARTIFACT_DIR` (default `~/.cache/trimkv/artifacts`) and loaded from there.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ WEIGHTS_NAME = "gates.safetensors"
 CONFIG_NAME = "gate_config.json"
 RELEASED_WEIGHTS_NAME = "trimkv_weights.pth"
 RELEASED_CONFIG_NAME = "config.json"
+
+WANDB_PREFIX = "wandb:"
+ARTIFACT_TYPE = "retention-gates"
+_ARTIFACT_SPEC = re.compile(r"^[^/:\s]+/[^/:\s]+/[^/:\s]+:[^/:\s]+$")
 
 _GATE_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.retention_gate\.(linear1\.weight|linear1\.bias|linear2\.weight|bias)$")
 
@@ -60,7 +68,7 @@ def load_gates(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, Any
     Raises FileNotFoundError when the folder holds neither format, and ValueError when the gates
     were trained for a model with a different layer count, KV head count or hidden size.
     """
-    path = Path(path)
+    path = resolve_gates_path(path)
     if (path / WEIGHTS_NAME).is_file():
         return _load_own(model, path)
     if (path / RELEASED_WEIGHTS_NAME).is_file():
@@ -70,6 +78,35 @@ def load_gates(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, Any
         f"{RELEASED_WEIGHTS_NAME} + {RELEASED_CONFIG_NAME} (released TRIM-KV checkpoints); "
         "set gates=<folder written by train.py>"
     )
+
+
+def resolve_gates_path(spec: str | os.PathLike) -> Path:
+    """Return a local folder for `gates=`: the path itself, or a downloaded W&B artifact for `wandb:...`.
+
+    Raises ValueError for a malformed artifact name and FileNotFoundError when W&B cannot
+    return the artifact (unknown name, no network, not logged in).
+    """
+    text = str(spec)
+    if not text.startswith(WANDB_PREFIX):
+        return Path(spec).expanduser()
+    name = text[len(WANDB_PREFIX):]
+    if not _ARTIFACT_SPEC.match(name):
+        raise ValueError(
+            f"gates={text} is not a W&B artifact name; use gates=wandb:<entity>/<project>/<name>:<version>, "
+            "e.g. gates=wandb:my-team/trimkv/gates-Qwen3-4B-M512:v3 (or :latest)"
+        )
+    import wandb
+
+    root = Path(os.environ.get("TRIMKV_ARTIFACT_DIR", "~/.cache/trimkv/artifacts")).expanduser()
+    target = root / name.replace("/", "--").replace(":", "--")
+    try:
+        artifact = wandb.Api().artifact(name, type=ARTIFACT_TYPE)
+        return Path(artifact.download(root=str(target)))
+    except (wandb.errors.CommError, wandb.errors.UsageError, ValueError) as error:
+        raise FileNotFoundError(
+            f"could not fetch W&B artifact {name!r} of type {ARTIFACT_TYPE!r}: {error}; check the name with "
+            "`wandb artifact ls`, run `wandb login`, or download it and set gates=<folder>"
+        ) from error
 
 
 def _load_own(model: torch.nn.Module, path: Path) -> dict[str, Any]:

@@ -9,18 +9,30 @@ Sources (`data.source`):
 Records may hold `messages` (a chat: a list of {role, content}), `prompt` + `completion`, or
 `question` + `answer` (GSM8K style). Chat records and question/answer records go through the
 tokenizer's chat template when it has one; the loss covers only assistant tokens (labels are
--100 elsewhere).
+-100 elsewhere). In OpenR1-Math-220k records, the assistant turn of `messages` contains the
+reasoning as `<think>...</think>` followed by the solution. Qwen3's template keeps that block for
+the last assistant turn, so the reasoning is trained on.
+
+With `data.packing=true` consecutive examples are concatenated into sequences of at most
+`train.max_length` tokens; each keeps its own document id and positions restarting at 0.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from trimkv.utils.io import DataFileError, read_jsonl
 
@@ -31,8 +43,14 @@ IGNORE_INDEX = -100
 
 @dataclass
 class TrainingExample:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX where no loss is taken
+    input_ids: Sequence[int]  # a list, or an int32 array once loaded for training
+    labels: Sequence[int]  # IGNORE_INDEX where no loss is taken
+    # Token counts of the packed documents, in order; None for a single document.
+    document_lengths: list[int] | None = None
+
+    @property
+    def num_documents(self) -> int:
+        return 1 if self.document_lengths is None else len(self.document_lengths)
 
 
 def _messages_of(record: dict, where: str) -> list[dict] | None:
@@ -137,8 +155,26 @@ def load_training_examples(data_cfg: Any, tokenizer: Any, max_length: int) -> li
     """Tokenize the configured records, truncate or drop long ones, and return them in file order.
 
     `data.max_examples` caps the count (null = all); `data.drop_long` drops sequences longer than
-    `max_length` instead of truncating them.
+    `max_length` instead of truncating them; `data.packing` packs them (see `pack_examples`).
+    With `data.cache_dir` set, the tokenized examples are stored there as arrays and reused by
+    later runs with the same data settings, tokenizer and `max_length`.
     """
+    cache_dir = data_cfg.get("cache_dir")
+    cache_path = _cache_path(data_cfg, tokenizer, max_length, cache_dir) if cache_dir else None
+    if cache_path is not None and cache_path.is_dir():
+        examples = _read_cache(cache_path)
+        log.info("training examples: %d read from the cache %s", len(examples), cache_path)
+    else:
+        examples = _tokenize_examples(data_cfg, tokenizer, max_length)
+        if bool(data_cfg.get("packing", False)):
+            examples = pack_examples(examples, max_length)
+            log.info("packed into %d sequences of at most %d tokens", len(examples), max_length)
+        if cache_path is not None:
+            _write_cache(cache_path, examples)
+    return examples
+
+
+def _tokenize_examples(data_cfg: Any, tokenizer: Any, max_length: int) -> list[TrainingExample]:
     use_chat = bool(data_cfg.get("chat_template", True))
     thinking = bool(data_cfg.get("enable_thinking", True))
     limit = data_cfg.get("max_examples")
@@ -154,28 +190,121 @@ def load_training_examples(data_cfg: Any, tokenizer: Any, max_length: int) -> li
                 dropped += 1
                 continue
             example = TrainingExample(example.input_ids[:max_length], example.labels[:max_length])
-        if all(label == IGNORE_INDEX for label in example.labels[1:]):
+        labels = np.asarray(example.labels, dtype=np.int32)
+        if not bool((labels[1:] != IGNORE_INDEX).any()):
             dropped += 1
             continue
-        examples.append(example)
+        # int32 arrays: a Python list spends about 36 bytes per token id (pointer + int object), an array 4.
+        examples.append(TrainingExample(np.asarray(example.input_ids, dtype=np.int32), labels))
     if not examples:
         raise ValueError("no training examples left after tokenization (check data.max_examples and max_length)")
     log.info("training examples: %d (dropped %d)", len(examples), dropped)
     return examples
 
 
+def pack_examples(examples: Sequence[TrainingExample], max_length: int) -> list[TrainingExample]:
+    """Concatenate consecutive examples into sequences of at most `max_length` tokens.
+
+    Each document keeps its own tokens and labels, except that the label of its first token is
+    IGNORE_INDEX: that token would otherwise be predicted from the previous document.
+    """
+    packed: list[TrainingExample] = []
+    ids: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    lengths: list[int] = []
+
+    def flush() -> None:
+        if lengths:
+            packed.append(TrainingExample(np.concatenate(ids), np.concatenate(labels), list(lengths)))
+            ids.clear()
+            labels.clear()
+            lengths.clear()
+
+    for example in examples:
+        length = len(example.input_ids)
+        if length > max_length:
+            raise ValueError(f"an example of {length} tokens is longer than train.max_length={max_length}")
+        if sum(lengths) + length > max_length:
+            flush()
+        document_labels = np.array(example.labels, dtype=np.int32)
+        document_labels[0] = IGNORE_INDEX
+        ids.append(np.asarray(example.input_ids, dtype=np.int32))
+        labels.append(document_labels)
+        lengths.append(length)
+    flush()
+    return packed
+
+
+def _cache_path(data_cfg: Any, tokenizer: Any, max_length: int, cache_dir: str) -> Path:
+    settings = OmegaConf.to_container(data_cfg, resolve=True) if OmegaConf.is_config(data_cfg) else dict(data_cfg)
+    settings.pop("cache_dir", None)
+    settings.pop("budget", None)
+    key = json.dumps({"data": settings, "tokenizer": getattr(tokenizer, "name_or_path", ""),
+                      "vocab": len(tokenizer), "max_length": max_length}, sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(str(cache_dir)).expanduser() / f"examples-{digest}"
+
+
+def _write_cache(path: Path, examples: list[TrainingExample]) -> None:
+    """Store examples as flat int32 arrays plus offsets, through a temporary folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        lengths = np.array([len(example.input_ids) for example in examples], dtype=np.int64)
+        documents = [example.document_lengths or [len(example.input_ids)] for example in examples]
+        np.save(staging / "input_ids.npy", np.concatenate([np.asarray(e.input_ids, dtype=np.int32) for e in examples]))
+        np.save(staging / "labels.npy", np.concatenate([np.asarray(e.labels, dtype=np.int32) for e in examples]))
+        np.save(staging / "lengths.npy", lengths)
+        (staging / "documents.json").write_text(json.dumps(documents))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _read_cache(path: Path) -> list[TrainingExample]:
+    input_ids = np.load(path / "input_ids.npy", mmap_mode="r")
+    labels = np.load(path / "labels.npy", mmap_mode="r")
+    lengths = np.load(path / "lengths.npy")
+    documents = json.loads((path / "documents.json").read_text())
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return [
+        TrainingExample(input_ids[start:end], labels[start:end], document if len(document) > 1 else None)
+        for start, end, document in zip(offsets[:-1], offsets[1:], documents)
+    ]
+
+
 def collate(examples: list[TrainingExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input_ids, attention_mask and labels of shape (batch, longest)."""
+    """Right-pad a batch to its longest row.
+
+    Returns (batch, longest) tensors: input_ids, attention_mask, labels, position_ids (restarting
+    at 0 in every document), document_ids (the document's index in its row, -1 at padding) and
+    document_weights (1 / the document's length, 0 at padding).
+    """
     longest = max(len(example.input_ids) for example in examples)
-    input_ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    shape = (len(examples), longest)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    document_ids = torch.full(shape, -1, dtype=torch.long)
+    document_weights = torch.zeros(shape, dtype=torch.float32)
     for row, example in enumerate(examples):
         length = len(example.input_ids)
-        input_ids[row, :length] = torch.tensor(example.input_ids)
-        labels[row, :length] = torch.tensor(example.labels)
+        input_ids[row, :length] = torch.as_tensor(np.asarray(example.input_ids, dtype=np.int64))
+        labels[row, :length] = torch.as_tensor(np.asarray(example.labels, dtype=np.int64))
         attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        start = 0
+        for index, document_length in enumerate(example.document_lengths or [length]):
+            end = start + document_length
+            position_ids[row, start:end] = torch.arange(document_length)
+            document_ids[row, start:end] = index
+            document_weights[row, start:end] = 1.0 / document_length
+            start = end
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids,
+            "document_ids": document_ids, "document_weights": document_weights}
 
 
 def batch_order(num_examples: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:

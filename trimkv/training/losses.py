@@ -9,12 +9,21 @@ total = kl_weight * KL(teacher || student) + ntp_weight * next-token loss + capa
   head. `paper` normalisation: (1/T) sum_t max(0, S_t - M) / t with t counted from 1, averaged over
   layers, heads and sequences. `released` normalisation (the authors' released code):
   max(0, (S_t - M) / max(t - M, 1)) with t counted from 0, averaged over the positive entries only.
+
+The functions named `*_sums` return sums, not means, so that the trainer can divide by counts
+taken over the whole global batch (all micro-batches and ranks). `soft_occupancy` and
+`capacity_loss` are the direct O(T^2) forms that the blockwise ones are tested against. With
+packed sequences t is the position inside the token's document and only tokens of the same
+document count in S_t.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from trimkv.training.data import IGNORE_INDEX
 
@@ -63,7 +72,7 @@ def soft_occupancy(log_beta: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def capacity_loss(occupancy: torch.Tensor, valid: torch.Tensor, budget: float, normalization: str = "paper") -> torch.Tensor:
-    """The capacity hinge for one layer from its soft occupancy (batch, kv_heads, T) -> scalar."""
+    """Compute the capacity hinge of one layer from its soft occupancy (batch, kv_heads, T) -> scalar."""
     steps = torch.arange(occupancy.shape[-1], device=occupancy.device, dtype=occupancy.dtype)
     real = valid[:, None, :].expand_as(occupancy)
     if normalization == "paper":
@@ -77,3 +86,126 @@ def capacity_loss(occupancy: torch.Tensor, valid: torch.Tensor, budget: float, n
             return hinge.sum() * 0.0
         return hinge[active].mean()
     raise ValueError(f"unknown loss.capacity_normalization {normalization!r}; use paper or released")
+
+
+def _occupancy_block(log_beta, valid, document_ids, start):
+    """S_t for t in [start, end) from the keys [0, end): log_beta (batch, kv_heads, end)."""
+    end = log_beta.shape[-1]
+    query_positions = torch.arange(start, end, device=log_beta.device)
+    key_positions = torch.arange(end, device=log_beta.device)
+    age = query_positions[:, None] - key_positions[None, :]  # (n, end)
+    weights = torch.exp(age.clamp(min=0).to(log_beta.dtype) * log_beta[:, :, None, :])  # (batch, kv_heads, n, end)
+    if document_ids is None:
+        # Right padding only follows the real tokens, so for a real query every key i <= t is real:
+        # the causal mask on the diagonal square is the whole mask (padding queries are zeroed below).
+        causal = torch.ones(end - start, end - start, dtype=torch.bool, device=log_beta.device).tril()
+        diagonal = weights[..., start:] * causal
+        occupancy = weights[..., :start].sum(dim=-1) + diagonal.sum(dim=-1)
+    else:
+        allowed = (age >= 0)[None] & valid[:, None, :] & (document_ids[:, start:, None] == document_ids[:, None, :])
+        occupancy = (weights * allowed[:, None]).sum(dim=-1)
+    return occupancy * valid[:, None, start:]
+
+
+def blockwise_soft_occupancy(log_beta: torch.Tensor, valid: torch.Tensor, document_ids: torch.Tensor | None = None,
+                             block_size: int | None = 512) -> torch.Tensor:
+    """S_t = sum over real tokens i <= t of the same document of beta_i^(t - i), in query blocks.
+
+    Each block of `block_size` positions is checkpointed, so forward and backward hold
+    O(block_size * T) terms at a time. `block_size=None` computes all positions in one block.
+
+    Args:
+        log_beta: (batch, kv_heads, T).
+        valid: bool (batch, T).
+        document_ids: (batch, T) or None (one document per row).
+
+    Returns:
+        (batch, kv_heads, T), zero at padding positions.
+    """
+    length = log_beta.shape[-1]
+    block = length if block_size is None else int(block_size)
+    if block <= 0:
+        raise ValueError(f"loss.capacity_block_size must be a positive integer or null, got {block_size}")
+    needs_grad = torch.is_grad_enabled() and log_beta.requires_grad and block < length
+    blocks = []
+    for start in range(0, length, block):
+        end = min(length, start + block)
+        arguments = (log_beta[:, :, :end], valid[:, :end], None if document_ids is None else document_ids[:, :end], start)
+        blocks.append(checkpoint(_occupancy_block, *arguments, use_reentrant=False) if needs_grad
+                      else _occupancy_block(*arguments))
+    return torch.cat(blocks, dim=-1)
+
+
+def capacity_sums(occupancy: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, document_weights: torch.Tensor,
+                  budget: float, normalization: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hinge sum of one layer and the count it is divided by, before any reduction across batches.
+
+    Args:
+        occupancy: (batch, kv_heads, T) soft occupancy S_t.
+        valid: bool (batch, T).
+        positions: (batch, T) position t of each token inside its document, from 0.
+        document_weights: (batch, T) 1 / length of the token's document (0 at padding).
+
+    Returns:
+        `paper`: (sum over documents and heads of (1/len) sum_t max(0, S_t - M) / (t + 1), number of
+        heads). The trainer divides by the number of documents times heads.
+        `released`: (sum of the active hinges max(0, (S_t - M) / max(t - M, 1)), number of active hinges).
+    """
+    real = valid[:, None, :].expand_as(occupancy)
+    steps = positions[:, None, :].to(occupancy.dtype)
+    if normalization == "paper":
+        hinge = (occupancy - budget).clamp(min=0) / (steps + 1)
+        total = (hinge * document_weights[:, None, :] * real).sum()
+        return total, torch.tensor(float(occupancy.shape[1]), device=occupancy.device)
+    if normalization == "released":
+        hinge = ((occupancy - budget) / (steps - budget).clamp(min=1)).clamp(min=0)
+        active = (hinge > 0) & real
+        return (hinge * active).sum(), active.sum().to(occupancy.dtype).detach()
+    raise ValueError(f"unknown loss.capacity_normalization {normalization!r}; use paper or released")
+
+
+def _distillation_block(student_hidden, teacher_hidden, targets, output_head):
+    with torch.no_grad():
+        teacher = F.log_softmax(output_head(teacher_hidden).float(), dim=-1)
+    student = F.log_softmax(output_head(student_hidden).float(), dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum()
+    ntp = F.nll_loss(student, targets, reduction="sum")
+    return kl, ntp
+
+
+def distillation_sums(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, output_head: torch.nn.Module,
+                      labels: torch.Tensor, block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward-KL and next-token sums over the label positions, computing logits in blocks.
+
+    Only the positions that predict a label get logits. With `block_size` set, each block of that
+    many positions runs under activation checkpointing, so the (positions, vocab) logits of the
+    teacher and the student exist one block at a time, in forward and in backward.
+
+    Args:
+        student_hidden, teacher_hidden: (batch, T, hidden) final hidden states.
+        output_head: the model's output embedding (hidden -> vocab).
+        labels: (batch, T) with IGNORE_INDEX where no loss is taken.
+
+    Returns:
+        (KL sum, NTP sum, number of label positions).
+    """
+    targets, mask = label_positions(labels)
+    student = student_hidden[:, :-1][mask]  # (N, hidden)
+    teacher = teacher_hidden[:, :-1][mask]
+    targets = targets[mask]
+    count = int(targets.numel())
+    if count == 0:
+        zero = student_hidden.sum() * 0.0
+        return zero, zero, 0
+    block = count if block_size is None else int(block_size)
+    if block <= 0:
+        raise ValueError(f"train.logit_block_size must be a positive integer or null, got {block_size}")
+    needs_grad = torch.is_grad_enabled() and student.requires_grad and block < count
+    compute = partial(_distillation_block, output_head=output_head)
+    kl_total = ntp_total = None
+    for start in range(0, count, block):
+        pieces = (student[start:start + block], teacher[start:start + block], targets[start:start + block])
+        kl, ntp = checkpoint(compute, *pieces, use_reentrant=False) if needs_grad else compute(*pieces)
+        kl_total = kl if kl_total is None else kl_total + kl
+        ntp_total = ntp if ntp_total is None else ntp_total + ntp
+    return kl_total, ntp_total, count

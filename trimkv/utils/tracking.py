@@ -53,13 +53,14 @@ class Tracker:
             for key, value in metrics.items():
                 self.run.summary[key] = value
 
-    def log_artifact(self, path: str, name: str, artifact_type: str, metadata: dict | None = None) -> None:
+    def log_artifact(self, path: str, name: str, artifact_type: str, metadata: dict | None = None,
+                     aliases: list[str] | None = None) -> None:
         if self.run is not None:
             import wandb
 
             artifact = wandb.Artifact(name, type=artifact_type, metadata=metadata or {})
             artifact.add_dir(path)
-            self.run.log_artifact(artifact)
+            self.run.log_artifact(artifact, aliases=["latest", *(aliases or [])])
 
     def finish(self) -> None:
         if self.run is not None:
