@@ -238,7 +238,7 @@ def _sample_record(task_name, sample: Sample, sample_index, completion, result, 
 
 
 def task_summary(task: Any, records: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
-    """The task's own run metrics (judge accuracy, F1, ...) from the stored per-sample metrics.
+    """Return the task's own run metrics (judge accuracy, F1, ...) from the stored per-sample metrics.
 
     When the task names a primary metric, it replaces `accuracy` and the mean of `correct` moves
     to `correct_rate`.
