@@ -1,8 +1,9 @@
 """The word-level tokenizer of the synthetic task, built offline from the task vocabulary.
 
-Every word of the task (separators, digits, variable names, filler words) is one token, and words
-are separated by single spaces, so `decode(encode(text)) == text` for every generated record and a
-token position is a word position plus one for the leading `<bos>`.
+Every word of the task (separators, digits, variable names, `VAR=DIGIT` assignments, filler
+words) is one token, and generated text separates words by single spaces. So
+`decode(encode(text)) == text` for every generated record, and a token position is a word
+position plus one for the leading `<bos>`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from trimkv.tasks.synthetic import DIGIT_WORDS, FILLER_WORDS, SEPARATOR_WORDS, VARIABLE_WORDS
+from trimkv.tasks.synthetic import ASSIGNMENT_WORDS, DIGIT_WORDS, FILLER_WORDS, SEPARATOR_WORDS, VARIABLE_WORDS
 
 PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
@@ -20,8 +21,8 @@ SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)
 
 
 def synthetic_vocabulary() -> dict[str, int]:
-    """Return the word-to-id map: special tokens first, then separators, digits, variables, fillers."""
-    words = [*SPECIAL_TOKENS, *SEPARATOR_WORDS, *DIGIT_WORDS, *VARIABLE_WORDS, *FILLER_WORDS]
+    """Return the word-to-id map: special tokens, separators, digits, variables, assignments, fillers."""
+    words = [*SPECIAL_TOKENS, *SEPARATOR_WORDS, *DIGIT_WORDS, *VARIABLE_WORDS, *ASSIGNMENT_WORDS, *FILLER_WORDS]
     return {word: index for index, word in enumerate(words)}
 
 
@@ -48,5 +49,7 @@ def build_synthetic_tokenizer(model_max_length: int = 1024) -> PreTrainedTokeniz
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
         model_max_length=model_max_length,
+        # Batched generation with a decoder-only model needs the padding on the left.
+        padding_side="left",
         clean_up_tokenization_spaces=False,
     )

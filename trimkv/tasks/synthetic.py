@@ -1,21 +1,25 @@
 """The embedded synthetic benchmark: header-first key-value recall with a running sum.
 
-One sample, with word-level tokens (the tokenizer adds `<bos>` in front):
+One sample with 4 header variables, with word-level tokens (the tokenizer adds `<bos>` in front):
 
-    question: F Q C K | so the B 3 it C 1 then ? B 3 as K 4 ... Q 8 ... F 2 ... ? N 6 ... >
+    question: F Q C K | so the B=3 it C=1 then ? B 3 as K=4 ... Q=8 ... F=2 ... ? N 6 ... >
     answer:   F 2 2 Q 8 0 C 1 1 K 4 5
 
 - The header (before `|`) lists the `num_queries` variables the answer asks about, so the goal is
   known before the material it needs, as the question comes first in a math problem.
-- The body assigns a digit to `num_assignments` distinct variables, written `VAR DIGIT`. Only the
-  header variables are needed; the other assignments are distractors that look exactly the same.
-  No token marks which assignment is needed: the only way to tell is to compare with the header.
+- The body assigns a digit to `num_assignments` distinct variables, each written as one token
+  `VAR=DIGIT`. Only the header variables are needed. The other assignments are distractors of the
+  same form, and no token marks which assignment is needed: the only way to tell is to compare
+  with the header. One token per assignment makes the lookup a single attention step (query `VAR`,
+  key `VAR=DIGIT`), which a 2M-parameter model learns in a few CPU minutes. A two-token
+  `VAR DIGIT` form needs an induction circuit, and the same model stayed under 2% exact match
+  after 18 CPU minutes on it.
 - Filler words (lowercase, a separate vocabulary) come before every event and are never needed.
 - Recall steps `? VAR DIGIT` repeat the digit of an earlier distractor assignment. They give dense
   lookup supervision during pretraining, and they draw attention to distractors, which misleads
   attention-score eviction (H2O, SnapKV) about which assignments matter later.
-- Every needed token lies at least `min_needed_distance` tokens before the answer starts, so a
-  recency window of that size never holds it.
+- Every needed assignment lies at least `min_needed_distance` tokens before the answer starts,
+  so a recency window of that size never contains it.
 - The answer is a multi-step trace. For each header variable in header order the model writes
   `VAR DIGIT SUM`, where SUM is the running sum of the digits so far modulo 10. Each step reads the
   header, one far-back assignment and its own previous step, so eviction during decoding matters.
@@ -41,6 +45,7 @@ ANSWER_START = ">"
 SEPARATOR_WORDS = (HEADER_END, RECALL_MARK, ANSWER_START)
 DIGIT_WORDS = tuple(str(digit) for digit in range(10))
 VARIABLE_WORDS = tuple(chr(code) for code in range(ord("A"), ord("Z") + 1))
+ASSIGNMENT_WORDS = tuple(f"{variable}={digit}" for variable in VARIABLE_WORDS for digit in DIGIT_WORDS)
 FILLER_WORDS = (
     "the", "and", "so", "then", "of", "to", "in", "it",
     "is", "was", "on", "at", "by", "for", "with", "that",
@@ -53,17 +58,21 @@ FILLER_WORDS = (
 ROLE_HEADER = "header"
 ROLE_HEADER_END = "header_end"
 ROLE_FILLER = "filler"
-ROLE_KEY = "key"  # the variable of a needed assignment
-ROLE_VALUE = "value"  # the digit of a needed assignment
-ROLE_DISTRACTOR_KEY = "distractor_key"
-ROLE_DISTRACTOR_VALUE = "distractor_value"
+ROLE_ASSIGNMENT = "assignment"  # a needed VAR=DIGIT token
+ROLE_DISTRACTOR = "distractor"  # a VAR=DIGIT token of a variable the answer never asks for
 ROLE_RECALL_MARK = "recall_mark"
 ROLE_RECALL_KEY = "recall_key"
 ROLE_RECALL_VALUE = "recall_value"
 ROLE_ANSWER_START = "answer_start"
-NEEDED_ROLES = frozenset({ROLE_HEADER, ROLE_KEY, ROLE_VALUE})
+# The question (header variables and its two delimiters) and the needed assignments. A model
+# trained on this task failed from the 4th answer step on when ">" was evicted, so ">" is needed.
+NEEDED_ROLES = frozenset({ROLE_HEADER, ROLE_HEADER_END, ROLE_ANSWER_START, ROLE_ASSIGNMENT})
 
 SPLITS = ("train", "eval")
+
+
+def assignment_word(variable: str, digit: int) -> str:
+    return f"{variable}={digit}"
 
 
 @dataclass(frozen=True)
@@ -74,8 +83,8 @@ class SyntheticConfig:
     num_assignments: body assignments, needed ones included; at most the 26 variable names.
     num_recalls: recall steps, each of a different distractor, so at most num_assignments - num_queries.
     filler_min, filler_max: filler words drawn uniformly before each body event.
-    min_needed_distance: every needed body token lies at least this many tokens before the first
-        answer token; extra filler is inserted after the last needed assignment until it holds.
+    min_needed_distance: every needed assignment lies at least this many tokens before the first
+        answer token. Extra filler goes after the last needed assignment until this is true.
     num_variables, num_filler_words: how many of the variable names and filler words are used.
     """
 
@@ -140,7 +149,8 @@ class SyntheticConfig:
 class SyntheticExample:
     """One generated sample with the role of every prompt word.
 
-    `needed_positions` are token positions in the tokenized prompt, counting `<bos>` as position 0.
+    `needed_positions` are the token positions of the question (header, `|`, `>`) and of the needed
+    assignments in the tokenized prompt, counting `<bos>` as position 0.
     `answer_start` is the position of the first answer token in the same numbering.
     """
 
@@ -183,15 +193,15 @@ def generate_example(cfg: SyntheticConfig, split: str, seed: int, index: int) ->
     queries = variables[: cfg.num_queries]
     distractors = variables[cfg.num_queries :]
 
-    # Body events in order: ("assign", var) for every variable, then each recall goes to a random
-    # slot after its distractor's assignment.
+    # Body events in order: one ("assign", variable) per variable in random order, then each
+    # recall is inserted at a random slot after its distractor's assignment.
     events: list[tuple[str, str]] = [("assign", variable) for variable in variables]
     rng.shuffle(events)
     for variable in rng.sample(distractors, cfg.num_recalls):
         assigned_at = events.index(("assign", variable))
         events.insert(rng.randint(assigned_at + 1, len(events)), ("recall", variable))
 
-    # gaps[i] holds the filler words before event i; the last gap comes before the answer start.
+    # gaps[i] is the filler before event i, and the extra last gap comes before the answer start.
     gaps = [
         [rng.choice(fillers) for _ in range(rng.randint(cfg.filler_min, cfg.filler_max))]
         for _ in range(len(events) + 1)
@@ -199,9 +209,9 @@ def generate_example(cfg: SyntheticConfig, split: str, seed: int, index: int) ->
     last_needed_event = max(i for i, (kind, var) in enumerate(events) if kind == "assign" and var in queries)
     tail_length = sum(len(gaps[i]) for i in range(last_needed_event + 1, len(gaps)))
     for i in range(last_needed_event + 1, len(events)):
-        tail_length += 2 if events[i][0] == "assign" else 3
-    # The needed value token sits 1 + tail_length tokens before the first answer token (the ">"
-    # counts too), so pad the tail until that distance reaches min_needed_distance.
+        tail_length += 1 if events[i][0] == "assign" else 3
+    # The last needed assignment sits 2 + tail_length tokens before the first answer token (the
+    # ">" counts too), so pad the tail until that distance reaches min_needed_distance.
     while 2 + tail_length < cfg.min_needed_distance:
         gaps[rng.randint(last_needed_event + 1, len(events))].append(rng.choice(fillers))
         tail_length += 1
@@ -225,11 +235,9 @@ def generate_example(cfg: SyntheticConfig, split: str, seed: int, index: int) ->
             emit(variable, ROLE_RECALL_KEY)
             emit(digit, ROLE_RECALL_VALUE)
         elif variable in queries:
-            emit(variable, ROLE_KEY)
-            emit(digit, ROLE_VALUE)
+            emit(assignment_word(variable, digits[variable]), ROLE_ASSIGNMENT)
         else:
-            emit(variable, ROLE_DISTRACTOR_KEY)
-            emit(digit, ROLE_DISTRACTOR_VALUE)
+            emit(assignment_word(variable, digits[variable]), ROLE_DISTRACTOR)
     for word in gaps[-1]:
         emit(word, ROLE_FILLER)
     emit(ANSWER_START, ROLE_ANSWER_START)
@@ -255,6 +263,43 @@ def generate_example(cfg: SyntheticConfig, split: str, seed: int, index: int) ->
     )
 
 
+def answer_dependencies(example: SyntheticExample) -> list[tuple[int, list[int]]]:
+    """List (position being processed, prompt positions it needs) for each far-reaching answer step.
+
+    Positions count `<bos>` as 0. Writing header variable j (while processing the token before it)
+    needs header token j, and writing its digit (while processing the variable) needs that
+    variable's `VAR=DIGIT` token. The running sum reads only the answer's last three tokens, so it
+    is left out.
+    """
+    assignment_position = {
+        example.prompt_words[i].split("=")[0]: i + 1
+        for i, role in enumerate(example.prompt_roles)
+        if role == ROLE_ASSIGNMENT
+    }
+    dependencies = []
+    for step, variable in enumerate(example.queries):
+        variable_position = example.answer_start + 3 * step
+        dependencies.append((variable_position - 1, [1 + step]))
+        dependencies.append((variable_position, [assignment_position[variable]]))
+    return dependencies
+
+
+def fits_recency_window(example: SyntheticExample, budget: int, num_sinks: int = 4) -> bool:
+    """Return whether a sink-plus-recent cache of `budget` tokens contains each needed token when needed.
+
+    At the step that processes position t, the cache contains the positions below `num_sinks` and
+    the most recent `budget - num_sinks` positions up to t: StreamingLLM's cache, the current
+    token included. When this returns False, StreamingLLM cannot answer the sample from its cache.
+    """
+    if budget <= num_sinks:
+        raise ValueError(f"budget must exceed num_sinks={num_sinks}, got {budget}")
+    for position, needed in answer_dependencies(example):
+        oldest_kept = position - (budget - num_sinks) + 1
+        if any(p >= num_sinks and p < oldest_kept for p in needed):
+            return False
+    return True
+
+
 def generator_config(cfg: Any) -> SyntheticConfig:
     """Read the generator settings from a task config node, its `generator` node, or a SyntheticConfig."""
     if isinstance(cfg, SyntheticConfig):
@@ -271,7 +316,7 @@ def training_records(cfg: Any, n: int, seed: int) -> list[dict]:
     """Return `n` train-split records {"prompt", "completion"} for pretraining or gate distillation.
 
     `cfg` is the task config node (its `generator` block is read), a generator mapping or a
-    SyntheticConfig. The completion holds no end-of-sequence token: the caller appends the
+    SyntheticConfig. The completion has no end-of-sequence token, so the caller appends the
     tokenizer's `eos_token`, which the model must predict to stop.
     """
     if n < 0:
