@@ -5,9 +5,11 @@ Runs on a CPU with no network:
 2. `evaluate.py` for the full cache and, as one Hydra multirun, for streamingllm, h2o, snapkv and
    trimkv at each budget,
 3. prints the method x budget accuracy table and writes it (markdown and JSON) with an
-   accuracy-vs-budget PNG under the output folder.
+   accuracy-vs-budget PNG under the output folder,
+4. draws retention and kept-token heatmaps of one sample for the trained gates
+   (scripts/plot_retention.py) at the smallest budget.
 
-Usage: python scripts/demo.py [--budgets 16 24 32 48] [--limit 200] [--out outputs/demo]
+Usage: python scripts/demo.py [--budgets 32 64 128 192] [--limit 200] [--out outputs/demo]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from trimkv.evaluation.tables import collect_metrics, markdown_table, plot_accur
 from trimkv.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 POLICIES = ["streamingllm", "h2o", "snapkv", "trimkv"]
+SNAPKV_WINDOW = 32  # conf/method/snapkv.yaml; SnapKV always keeps its window, so it must fit in a budget
 
 
 def run(arguments: list[str]) -> None:
@@ -35,14 +38,15 @@ def run(arguments: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[16, 24, 32, 48],
+    parser.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 192],
                         help="KV budgets per layer and head to sweep (tokens)")
     parser.add_argument("--limit", type=int, default=200, help="evaluation problems per cell")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "demo", help="output folder")
     parser.add_argument("--train-overrides", nargs="*", default=[], help="extra Hydra overrides for train.py")
+    parser.add_argument("--no-heatmaps", action="store_true", help="skip the retention heatmaps")
     args = parser.parse_args()
-    if any(budget <= 0 for budget in args.budgets):
-        parser.error(f"--budgets must be positive integers, got {args.budgets}")
+    if any(budget < SNAPKV_WINDOW for budget in args.budgets):
+        parser.error(f"--budgets must be at least {SNAPKV_WINDOW} (SnapKV's observation window), got {args.budgets}")
 
     out = args.out.resolve()
     started = time.perf_counter()
@@ -55,6 +59,9 @@ def main() -> None:
     run(["evaluate.py", "method=full", f"hydra.run.dir={sweep_dir / 'full'}", *common])
     run(["evaluate.py", "-m", "method=" + ",".join(POLICIES), "budget=" + ",".join(map(str, args.budgets)),
          f"gates={train_dir / 'gates'}", f"hydra.sweep.dir={sweep_dir}", *common])
+    if not args.no_heatmaps:
+        run(["scripts/plot_retention.py", "--gates", str(train_dir / "gates"), "--budget", str(min(args.budgets)),
+             "--out", str(out / "retention")])
 
     results = collect_metrics(sweep_dir)
     table = markdown_table(results, task="synthetic")

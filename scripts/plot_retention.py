@@ -53,8 +53,9 @@ def draw(path: Path, title: str, tokens: list[str], retention: torch.Tensor | No
     panels = ([("retention beta_i^(t-i)", retention, "viridis")] if retention is not None else []) + [
         (f"kept by {name}", matrix.float(), "Greys") for name, matrix in kept.items()]
     length = len(tokens)
-    width = max(8.0, 0.09 * length)
-    figure, axes = plt.subplots(len(panels), 1, figsize=(width, 0.06 * length * len(panels) + 1.5), dpi=110,
+    width = min(30.0, max(8.0, 0.07 * length))
+    panel_height = min(8.0, max(2.5, 0.025 * length))
+    figure, axes = plt.subplots(len(panels), 1, figsize=(width, panel_height * len(panels) + 1.0), dpi=110,
                                 squeeze=False)
     step = max(1, length // 120)
     for axis, (label, matrix, colormap) in zip(axes[:, 0], panels):
@@ -64,7 +65,7 @@ def draw(path: Path, title: str, tokens: list[str], retention: torch.Tensor | No
         axis.set_xticks(range(0, length, step), tokens[::step], rotation=90, fontsize=5)
         axis.tick_params(axis="y", labelsize=6)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.985))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
