@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trimkv.gates.gate import GateConfig, attach_gates, check_gate_fit, gate_state_dict
+from trimkv.utils.io import atomic_write_folder
 
 WEIGHTS_NAME = "gates.safetensors"
 CONFIG_NAME = "gate_config.json"
@@ -44,21 +43,16 @@ _GATE_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.retention_gate\.(line
 def save_gates(model: torch.nn.Module, path: str | os.PathLike, gate_config: GateConfig, metadata: dict[str, Any]) -> Path:
     """Write the model's gates to folder `path` atomically (a temporary folder, then a rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.contiguous().cpu() for name, tensor in gate_state_dict(model).items()}
     if not tensors:
         raise ValueError("the model has no retention gates to save")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "trimkv-gates"})
-        document = {"gate": gate_config.to_dict(), **metadata}
-        (staging / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    document = {"gate": gate_config.to_dict(), **metadata}
+
+    def write_contents(folder: Path) -> None:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "trimkv-gates"})
+        (folder / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
+
+    atomic_write_folder(path, write_contents)
     return path
 
 

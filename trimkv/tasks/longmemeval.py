@@ -41,7 +41,7 @@ from trimkv.tasks.base import Sample, Task, register_task
 from trimkv.tasks.grading import answer_region
 from trimkv.tasks.judge import JUDGE_TEMPLATES, JudgeConfig, LLMJudge, default_cache_dir, judge_prompt
 from trimkv.tasks.metrics import DetailedGradeResult, summarize_metrics
-from trimkv.utils.io import DataFileError
+from trimkv.utils.io import DataFileError, read_json_list
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,8 @@ class LongMemEvalTask(Task):
             path = Path(to_absolute_path(str(Path(data_path).expanduser())))
         else:
             path = self._download()
-        return _read_json_list(path), str(path)
+        hint = "check task.data_path, or set it to null to download from the Hub"
+        return read_json_list(path, "questions", hint, name="LongMemEval data file"), str(path)
 
     def _download(self) -> Path:
         # Imported here because a run that reads a local file never needs the Hub client.
@@ -281,20 +282,6 @@ def _check_record(record: Any, where: str) -> None:
                 raise DataFileError(f"{where}: session {number} has a turn without string role and content: {turn!r:.200}")
 
 
-def _read_json_list(path: Path) -> list:
-    if not path.is_file():
-        raise DataFileError(
-            f"LongMemEval data file not found: {path} (check task.data_path, or set it to null to download "
-            f"from the Hub)"
-        )
-    try:
-        with path.open("r", encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise DataFileError(f"{path}:{error.lineno}:{error.colno}: malformed JSON ({error.msg})") from None
-    if not isinstance(data, list):
-        raise DataFileError(f"{path}: expected a JSON list of questions, got {type(data).__name__}")
-    return data
 
 
 def _check_limit(limit: int | None) -> None:

@@ -51,7 +51,7 @@ from trimkv.tasks.longproc_eval import (
 )
 from trimkv.tasks.metrics import DetailedGradeResult, summarize_metrics
 from trimkv.tasks.sandbox import CppSandbox, SandboxLimits
-from trimkv.utils.io import DataFileError
+from trimkv.utils.io import DataFileError, read_json_list
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,9 @@ class LongProcTask(Task):
     def _load_local(self, root: Path, limit: int | None) -> tuple[list[Sample], str]:
         folder = root / self.longproc_name
         data_file = folder / f"{self.dataset_name}.json"
-        records = _read_json_list(data_file)
+        hint = ("set task.data_path to the folder that contains <task>/<task>_<tier>.json (LongProc's data/ "
+                "folder), or check task.tier")
+        records = read_json_list(data_file, "records", hint, name="LongProc data file")
         template = _read_prompt_template(folder / "prompts.yaml")
         if limit is not None:
             records = records[:limit]
@@ -421,20 +423,6 @@ def _field(record: dict, name: str, where: str) -> Any:
     return record[name]
 
 
-def _read_json_list(path: Path) -> list:
-    if not path.is_file():
-        raise DataFileError(
-            f"LongProc data file not found: {path}. Set task.data_path to the folder that contains "
-            f"<task>/<task>_<tier>.json (LongProc's data/ folder), or check task.tier"
-        )
-    try:
-        with path.open("r", encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise DataFileError(f"{path}:{error.lineno}:{error.colno}: malformed JSON ({error.msg})") from None
-    if not isinstance(data, list):
-        raise DataFileError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
 
 
 def _read_prompt_template(path: Path) -> str:

@@ -18,14 +18,13 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from trimkv.utils.io import atomic_write_text
+from trimkv.utils.io import atomic_write_folder, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -74,31 +73,12 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, write_contents: Call
     """
     folder = checkpoints_dir(run_dir)
     name = f"step-{step:08d}"
-    target = write_folder_atomically(folder / name, write_contents)
+    target = atomic_write_folder(folder / name, write_contents)
     atomic_write_text(folder / LATEST_NAME, name + "\n")
     if keep_last:
         finished = sorted(path for path in folder.glob("step-*") if path.is_dir())
         for old in finished[: -int(keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def write_folder_atomically(target: Path, write_contents: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling folder with `write_contents(folder)`, then rename it to `target`.
-
-    An existing `target` is removed just before the rename, so a crash in between leaves no
-    `target` but never a partial one.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write_contents(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

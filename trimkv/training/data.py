@@ -24,8 +24,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from trimkv.utils.io import DataFileError, read_jsonl
+from trimkv.utils.io import DataFileError, atomic_write_folder, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -247,21 +245,16 @@ def _cache_path(data_cfg: Any, tokenizer: Any, max_length: int, cache_dir: str) 
 
 def _write_cache(path: Path, examples: list[TrainingExample]) -> None:
     """Store examples as flat int32 arrays plus offsets, through a temporary folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+
+    def write_contents(folder: Path) -> None:
         lengths = np.array([len(example.input_ids) for example in examples], dtype=np.int64)
         documents = [example.document_lengths or [len(example.input_ids)] for example in examples]
-        np.save(staging / "input_ids.npy", np.concatenate([np.asarray(e.input_ids, dtype=np.int32) for e in examples]))
-        np.save(staging / "labels.npy", np.concatenate([np.asarray(e.labels, dtype=np.int32) for e in examples]))
-        np.save(staging / "lengths.npy", lengths)
-        (staging / "documents.json").write_text(json.dumps(documents))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        np.save(folder / "input_ids.npy", np.concatenate([np.asarray(e.input_ids, dtype=np.int32) for e in examples]))
+        np.save(folder / "labels.npy", np.concatenate([np.asarray(e.labels, dtype=np.int32) for e in examples]))
+        np.save(folder / "lengths.npy", lengths)
+        (folder / "documents.json").write_text(json.dumps(documents))
+
+    atomic_write_folder(path, write_contents)
 
 
 def _read_cache(path: Path) -> list[TrainingExample]:

@@ -45,7 +45,7 @@ from trimkv.training.distributed import (
     wrap_decoder,
 )
 from trimkv.training.losses import blockwise_soft_occupancy, capacity_sums, distillation_sums
-from trimkv.utils.io import append_jsonl, atomic_write_json, atomic_write_text
+from trimkv.utils.io import append_jsonl, atomic_write_folder, atomic_write_json, atomic_write_text
 from trimkv.utils.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -503,7 +503,7 @@ class Trainer:
         gate_tensors, _ = self._state_dicts()
         gates_dir = self.output_dir / "gates"
         if self.context.is_main:
-            checkpointing.write_folder_atomically(gates_dir, lambda staging: self._write_gates(
+            atomic_write_folder(gates_dir, lambda staging: self._write_gates(
                 staging, gate_tensors, self.gate_metadata(steps)))
         self.context.barrier()
         summary = {"gates": str(gates_dir), "steps": steps, "first_loss": first_loss, "final_loss": last_loss,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 class DataFileError(ValueError):
@@ -38,6 +39,45 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def atomic_write_folder(target: str | os.PathLike, write_contents: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling folder with `write_contents(folder)`, then rename it to `target`.
+
+    An existing `target` is removed just before the rename, so a crash in between leaves no
+    `target` but never a partial one.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write_contents(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def read_json_list(path: str | os.PathLike, what: str, missing_hint: str, name: str = "data file") -> list:
+    """Read a JSON file that contains a list; errors name the file (and line for malformed JSON).
+
+    `what` describes the list items for the type error, `missing_hint` tells how to fix a missing
+    file, and `name` says what the file is in that message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"{name} not found: {path} ({missing_hint})")
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise DataFileError(f"{path}:{error.lineno}:{error.colno}: malformed JSON ({error.msg})") from None
+    if not isinstance(data, list):
+        raise DataFileError(f"{path}: expected a JSON list of {what}, got {type(data).__name__}")
+    return data
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
