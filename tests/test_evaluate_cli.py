@@ -176,3 +176,26 @@ def test_rerun_with_other_settings_in_same_folder_is_rejected(synthetic_model_di
     changed = compose_evaluate(f"model.path={synthetic_model_dir}", "limit=2", "num_threads=1", "budget=99")
     with pytest.raises(ValueError, match="different settings.*budget"):
         evaluate(changed, tmp_path)
+
+
+def test_wandb_offline_run_records_metrics(synthetic_model_dir, tmp_path, monkeypatch):
+    from test_training_wandb import read_wandb_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_evaluate(f"model.path={synthetic_model_dir}", "limit=2", "num_threads=1", "logger=wandb",
+                           "logger.project=trimkv-test", "method=h2o", "budget=32")
+    metrics = evaluate(cfg, tmp_path)
+    logs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    records = read_wandb_records(logs[0])
+    summary = {item.key: json.loads(item.value_json) for record in records
+               if record.WhichOneof("record_type") == "summary" for item in record.summary.update}
+    assert summary["accuracy"] == metrics["accuracy"]
+    assert summary["num_problems"] == 2
+    logged = {item.key or "/".join(item.nested_key) for record in records
+              if record.WhichOneof("record_type") == "history" for item in record.history.item}
+    assert "samples/_type" in logged  # the sample table
+    config = {item.key: item.value_json for record in records if record.WhichOneof("record_type") == "config"
+              for item in record.config.update}
+    assert '"h2o"' in config["method"] and config["budget"] == "32"
