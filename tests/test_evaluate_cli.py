@@ -196,6 +196,6 @@ def test_wandb_offline_run_records_metrics(synthetic_model_dir, tmp_path, monkey
     logged = {item.key or "/".join(item.nested_key) for record in records
               if record.WhichOneof("record_type") == "history" for item in record.history.item}
     assert "samples/_type" in logged  # the sample table
-    config = {item.key: item.value_json for record in records if record.WhichOneof("record_type") == "config"
-              for item in record.config.update}
+    config = {item.key: item.value_json for record in records if record.WhichOneof("record_type") == "run"
+              for item in record.run.config.update}
     assert '"h2o"' in config["method"] and config["budget"] == "32"
