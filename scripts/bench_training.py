@@ -4,8 +4,10 @@ Runs every (path, T) in a fresh process, so each peak is measured on its own:
 
 - `naive`: the T x T attention bias through SDPA, the O(T^2) soft occupancy, all logits at once,
   no activation checkpointing;
-- `efficient`: blockwise attention and occupancy (blocks of 512 positions), logits in blocks of
-  1024 positions;
+- `blockwise`: pure-torch blockwise attention (query blocks of 512, each checkpointed), blockwise
+  occupancy (blocks of 512 positions), logits in blocks of 1024 positions;
+- `efficient`: the same with `train.attention=auto`: the fused SDPA kernel with the folded age
+  bias on the CPU, FlexAttention on CUDA;
 - `checkpointed`: `efficient` plus checkpointed decoder layers (recomputed in backward);
 - `plain`: a standard forward + backward of the same model (transformers' SDPA attention,
   cross-entropy on every position, gradients for every parameter), the reference for step time.
@@ -45,9 +47,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 PATH_OVERRIDES = {
     "naive": ["train.attention=naive", "train.logit_block_size=null", "train.gradient_checkpointing=false",
               "loss.capacity_block_size=null"],
-    "efficient": ["train.attention=blockwise", "train.attention_block_size=512", "train.logit_block_size=1024",
+    "blockwise": ["train.attention=blockwise", "train.attention_block_size=512", "train.logit_block_size=1024",
                   "train.gradient_checkpointing=false", "loss.capacity_block_size=512"],
-    "checkpointed": ["train.attention=blockwise", "train.attention_block_size=512", "train.logit_block_size=1024",
+    "efficient": ["train.attention=auto", "train.attention_block_size=512", "train.logit_block_size=1024",
+                  "train.gradient_checkpointing=false", "loss.capacity_block_size=512"],
+    "checkpointed": ["train.attention=auto", "train.attention_block_size=512", "train.logit_block_size=1024",
                      "train.gradient_checkpointing=true", "loss.capacity_block_size=512"],
 }
 
@@ -153,10 +157,18 @@ def worker(path: str, length: int, repeats: int, model_dir: Path, run_dir: Path)
             "peak_mib": max(peaks) / 2**20, "device": str(trainer.device)}
 
 
+def run_worker(command: list[str], environment: dict[str, str], path: str, length: int) -> dict:
+    output = subprocess.run(command, capture_output=True, text=True, env=environment)
+    lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
+    if output.returncode != 0 or not lines:
+        raise SystemExit(f"benchmark worker {path} T={length} failed:\n{output.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="sequence lengths T")
-    parser.add_argument("--paths", nargs="+", default=["plain", "naive", "efficient", "checkpointed"], help="paths to measure")
+    parser.add_argument("--paths", nargs="+", default=["plain", "naive", "blockwise", "efficient", "checkpointed"], help="paths to measure")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median reported)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--worker", nargs=2, metavar=("PATH", "LENGTH"), help=argparse.SUPPRESS)
@@ -176,15 +188,14 @@ def main() -> None:
             for path in args.paths:
                 command = [sys.executable, __file__, "--worker", path, str(length), "--repeats", str(args.repeats),
                            "--model-dir", str(model_dir)]
+                timing = run_worker(command, {**os.environ, "OMP_NUM_THREADS": "1"}, path, length)
                 # glibc serves allocations of 64 KiB and more with mmap and returns them on free, so the
-                # resident set follows the live tensors instead of keeping freed blocks.
-                environment = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
-                               "MALLOC_TRIM_THRESHOLD_": "0"}
-                output = subprocess.run(command, capture_output=True, text=True, env=environment)
-                lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
-                if output.returncode != 0 or not lines:
-                    raise SystemExit(f"benchmark worker {path} T={length} failed:\n{output.stderr[-3000:]}")
-                result = json.loads(lines[-1][len("RESULT "):])
+                # resident set follows the live tensors instead of keeping freed blocks. Every such
+                # allocation then faults in fresh pages, which slows the step, so memory is measured in
+                # a second process and time in the first.
+                memory = run_worker(command, {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+                                              "MALLOC_TRIM_THRESHOLD_": "0"}, path, length)
+                result = {**timing, "peak_mib": memory["peak_mib"]}
                 results.append(result)
                 print(f"{path:9s} T={length:5d}  peak {result['peak_mib']:8.1f} MiB  step {result['step_seconds']:7.3f} s",
                       flush=True)
@@ -198,11 +209,11 @@ def main() -> None:
             result = by_key[(path, length)]
             cells += [f"{result['peak_mib']:.1f}", f"{result['step_seconds']:.3f}"]
         print(f"| {length} | " + " | ".join(cells) + " |")
-    for path in ("naive", "efficient", "checkpointed"):
+    for path in ("naive", "blockwise", "efficient", "checkpointed"):
         if (path, 1024) in by_key and (path, 4096) in by_key:
             ratio = by_key[(path, 4096)]["peak_mib"] / by_key[(path, 1024)]["peak_mib"]
             print(f"{path}: peak(T=4096) / peak(T=1024) = {ratio:.2f}")
-    for path in ("naive", "efficient", "checkpointed"):
+    for path in ("naive", "blockwise", "efficient", "checkpointed"):
         if "plain" not in args.paths or path not in args.paths:
             continue
         ratios = [by_key[(path, length)]["step_seconds"] / by_key[("plain", length)]["step_seconds"]

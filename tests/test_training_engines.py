@@ -29,6 +29,8 @@ from trimkv.training.trainer import Trainer
 
 MEMORY_SAVING = ["train.attention=blockwise", "train.attention_block_size=7", "train.logit_block_size=5",
                  "train.gradient_checkpointing=true", "loss.capacity_block_size=6"]
+# The CPU default of train.attention=auto: the fused kernel with the folded age bias.
+FUSED = ["train.attention=sdpa", "train.logit_block_size=5", "loss.capacity_block_size=6"]
 
 
 def train_in_process(model_dir, run_dir, *overrides):
@@ -44,12 +46,14 @@ def test_memory_saving_paths_train_identical_gates(synthetic_model_dir, tmp_path
     _, saving = train_in_process(synthetic_model_dir, tmp_path / "saving", *MEMORY_SAVING)
     _, accumulated = train_in_process(synthetic_model_dir, tmp_path / "accumulated", *MEMORY_SAVING,
                                       "train.micro_batch_size=1")
+    _, fused = train_in_process(synthetic_model_dir, tmp_path / "fused", *FUSED)
 
     initial_bias = torch.full_like(reference["model.layers.0.self_attn.retention_gate.bias"], 2.0)
     assert not torch.allclose(reference["model.layers.0.self_attn.retention_gate.bias"], initial_bias, atol=1e-3)
     for name, tensor in reference.items():
         assert torch.allclose(saving[name], tensor, atol=1e-5), (name, (saving[name] - tensor).abs().max())
         assert torch.allclose(accumulated[name], tensor, atol=1e-5), (name, (accumulated[name] - tensor).abs().max())
+        assert torch.allclose(fused[name], tensor, atol=1e-5), (name, (fused[name] - tensor).abs().max())
     assert read_log(tmp_path / "naive")[-1]["loss"] == pytest.approx(read_log(tmp_path / "saving")[-1]["loss"], rel=1e-5)
 
 
@@ -62,7 +66,7 @@ def test_released_normalization_same_on_both_paths(synthetic_model_dir, tmp_path
     assert read_log(tmp_path / "naive")[0]["loss/capacity"] > 0
 
 
-@pytest.mark.parametrize("backend", ["blockwise", "naive"])
+@pytest.mark.parametrize("backend", ["blockwise", "sdpa", "naive"])
 def test_packed_row_matches_separate_documents(synthetic_model_dir, backend):
     from transformers import AutoModelForCausalLM
 

@@ -1,7 +1,7 @@
 """The memory-efficient training paths against plain-torch reference computations.
 
 Each memory-saving computation must give the values of the direct O(T^2) or O(T x vocab) one:
-blockwise and FlexAttention student attention, the blockwise soft occupancy and the blocked
+blockwise, SDPA and FlexAttention student attention, the blockwise soft occupancy and the blocked
 logits. Gradients are compared too, except for FlexAttention (no CPU backward in torch 2.13).
 The cases include packed documents and GQA.
 """
@@ -18,6 +18,8 @@ from trimkv.training.attention import (
     blockwise_gated_attention,
     flex_gated_attention,
     naive_gated_attention,
+    resolve_backend,
+    sdpa_gated_attention,
 )
 from trimkv.training.data import IGNORE_INDEX
 from trimkv.training.losses import (
@@ -95,6 +97,45 @@ def test_blockwise_attention_with_documents():
     assert_close_with_gradients(output, expected, (query, key, value, log_beta))
 
 
+@pytest.mark.parametrize("block_size", [1, 5, 64])
+def test_sdpa_attention_matches_reference(block_size):
+    # The fused kernel with the age bias folded into two extra head dimensions, with and without
+    # packed documents (query blocks with boolean masks).
+    query, key, value, log_beta = random_inputs()
+    documents = packed_documents(2, 23, [[7, 9, 7], [23]])
+    for document_ids in (None, documents):
+        output = sdpa_gated_attention(query, key, value, log_beta, 8**-0.5, document_ids, block_size)
+        expected = reference_attention(query, key, value, log_beta, 8**-0.5, document_ids)
+        assert_close_with_gradients(output, expected, (query, key, value, log_beta))
+        output = sdpa_gated_attention(query, key, value, None, 0.3, document_ids, block_size)
+        assert torch.allclose(output, reference_attention(query, key, value, None, 0.3, document_ids), atol=1e-5)
+
+
+def test_sdpa_attention_keeps_precision_at_long_lengths():
+    # The folded products grow with T; at T = 4096 with strong and weak decay side by side the
+    # output and the log beta gradient must still match a float64 reference.
+    generator = torch.Generator().manual_seed(3)
+    length = 4096
+    query = torch.randn(1, 2, length, 16, generator=generator).requires_grad_(True)
+    key = torch.randn(1, 1, length, 16, generator=generator).requires_grad_(True)
+    value = torch.randn(1, 1, length, 16, generator=generator).requires_grad_(True)
+    log_beta = F.logsigmoid(4 * torch.randn(1, 1, length, generator=generator) + 4).requires_grad_(True)
+    output = sdpa_gated_attention(query, key, value, log_beta, 0.25)
+    expected = blockwise_gated_attention(*(tensor.double() for tensor in (query, key, value, log_beta)), 0.25,
+                                         block_size=1024)
+    assert torch.allclose(output.double(), expected, atol=1e-4), (output.double() - expected).abs().max()
+    weights = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    got = torch.autograd.grad((output.double() * weights).sum(), log_beta)[0].double()
+    want = torch.autograd.grad((expected * weights).sum(), log_beta)[0].double()
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())), (got - want).abs().max()
+
+
+def test_sdpa_attention_rejects_16_bit_inputs():
+    query, key, value, log_beta = (tensor.detach().bfloat16() for tensor in random_inputs())
+    with pytest.raises(ValueError, match="float32"):
+        sdpa_gated_attention(query, key, value, log_beta, 0.3)
+
+
 def test_blockwise_attention_without_gates_is_causal():
     query, key, value, _ = random_inputs()
     documents = packed_documents(2, 23, [[10, 13], [3, 20]])
@@ -152,12 +193,25 @@ def test_blockwise_occupancy_matches_direct_sum(block_size):
         expected = direct_occupancy(log_beta.detach(), valid, document_ids)
         assert torch.allclose(occupancy.double(), expected, atol=1e-5)
 
-    reference = soft_occupancy(log_beta, valid)
-    blockwise = blockwise_soft_occupancy(log_beta, valid, None, block_size)
-    weights = torch.rand_like(reference)
-    got = torch.autograd.grad((blockwise * weights).sum(), log_beta)[0]
-    want = torch.autograd.grad((reference * weights).sum(), log_beta)[0]
-    assert torch.allclose(got, want, atol=1e-5)
+    for document_ids in (None, documents):
+        reference = masked_occupancy(log_beta, valid, document_ids)
+        blockwise = blockwise_soft_occupancy(log_beta, valid, document_ids, block_size)
+        weights = torch.rand_like(reference)
+        got = torch.autograd.grad((blockwise * weights).sum(), log_beta)[0]
+        want = torch.autograd.grad((reference * weights).sum(), log_beta)[0]
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def masked_occupancy(log_beta, valid, documents):
+    """The O(T^2) formula with an explicit (batch, T, T) mask, differentiable by autograd."""
+    length = log_beta.shape[-1]
+    t = torch.arange(length)[:, None]
+    i = torch.arange(length)[None, :]
+    allowed = (i <= t)[None] & valid[:, None, :] & valid[:, :, None]
+    if documents is not None:
+        allowed = allowed & (documents[:, :, None] == documents[:, None, :])
+    terms = torch.exp((t - i).clamp(min=0) * log_beta[:, :, None, :]) * allowed[:, None]
+    return terms.sum(dim=-1)
 
 
 def test_capacity_sums_reproduce_capacity_loss():
@@ -222,3 +276,15 @@ def test_blocked_logits_match_full_losses(block_size):
     got = torch.autograd.grad((kl_sum + 2 * ntp_sum) / count, student)[0]
     want = torch.autograd.grad(expected_kl + 2 * expected_ntp, student)[0]
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_auto_backend_per_device_and_precision():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("auto", cpu, "fp32") == "sdpa"
+    assert resolve_backend("auto", cpu, "bf16") == "blockwise"
+    assert resolve_backend("auto", cuda, "bf16") == "flex"
+    assert resolve_backend("blockwise", cpu, "bf16") == "blockwise"
+    with pytest.raises(ValueError, match="train.precision=fp32"):
+        resolve_backend("sdpa", cpu, "bf16")
+    with pytest.raises(ValueError, match="unknown train.attention 'fused'"):
+        resolve_backend("fused", cpu, "fp32")

@@ -11,6 +11,12 @@ compute it:
 - `flex`: torch's FlexAttention with the age bias as a `score_mod` and the causal and document
   masks as a block mask, compiled with `torch.compile`. Gradients need a GPU: torch 2.13 raises
   NotImplementedError for FlexAttention backward on the CPU.
+- `sdpa`: torch's fused scaled_dot_product_attention (the flash kernel on the CPU). The age bias
+  (t - i) log beta_i = (t - c) log beta_i - (i - c) log beta_i is a sum of two products of a query
+  term and a key term, so it rides along in two extra head dimensions: the query gets
+  (t - c, 1) / scale and the key gets (log beta_i, -(i - c) log beta_i), where c is the middle
+  position. Float32 only: the two products grow with T, and their rounding (about
+  6e-8 * T/2 * |log beta_i| in the logit) would be too coarse in 16-bit types.
 - `blockwise`: pure torch. Queries go in blocks of `block_size`, and each block attends to the
   keys up to its end under activation checkpointing. Forward and backward therefore hold
   O(block_size * T) scores at a time instead of T x T.
@@ -32,18 +38,23 @@ from torch.utils.checkpoint import checkpoint
 
 from trimkv.compat import decoder_attention_modules
 
-BACKENDS = ("auto", "flex", "blockwise", "naive")
+BACKENDS = ("auto", "flex", "sdpa", "blockwise", "naive")
 # The attribute of each attention module that trimkv.cache.attention reads to route the uncached
 # attention of a training forward here.
 MODULE_ATTRIBUTE = "trimkv_training_attention"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """`auto` is flex on CUDA (fused kernel with backward) and blockwise elsewhere."""
+def resolve_backend(backend: str, device: torch.device, precision: str = "fp32") -> str:
+    """`auto` is flex on CUDA (fused kernel with backward), sdpa elsewhere in float32, else blockwise."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown train.attention {backend!r}; use one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "flex" if device.type == "cuda" else "blockwise"
+        if device.type == "cuda":
+            return "flex"
+        return "sdpa" if precision == "fp32" else "blockwise"
+    if backend == "sdpa" and precision != "fp32":
+        raise ValueError(f"train.attention=sdpa needs train.precision=fp32 (got {precision}): the folded age bias "
+                         "loses precision in 16-bit types; use train.attention=blockwise or auto")
     return backend
 
 
@@ -71,11 +82,13 @@ class TrainingAttention:
                 # One block mask serves every layer of the forward.
                 self._block_mask = flex_block_mask(self.document_ids, query.shape[0], query.shape[2], query.device)
             return flex_gated_attention(query, key, value, log_beta, scaling, block_mask=self._block_mask)
+        if self.backend == "sdpa":
+            return sdpa_gated_attention(query, key, value, log_beta, scaling, self.document_ids, self.block_size)
         if self.backend == "blockwise":
             return blockwise_gated_attention(query, key, value, log_beta, scaling, self.document_ids, self.block_size)
         if self.backend == "naive":
             return naive_gated_attention(query, key, value, log_beta, scaling, self.document_ids)
-        raise ValueError(f"unknown attention backend {self.backend!r}; use flex, blockwise or naive")
+        raise ValueError(f"unknown attention backend {self.backend!r}; use flex, sdpa, blockwise or naive")
 
 
 @contextlib.contextmanager
@@ -172,6 +185,58 @@ def blockwise_gated_attention(query, key, value, log_beta, scaling, document_ids
         else:
             outputs.append(_attend_block(*arguments))
     return torch.cat(outputs, dim=3).reshape(batch, heads, length, dim)
+
+
+def fold_age_bias(query, key, value, log_beta, scaling):
+    """Append the two head dimensions that make scaling * q'.k' = scaling * q.k + (t - i) log beta_i.
+
+    Returns the query and key with head dimension dim + 2, and the value padded with two zeros
+    because the fused kernels need equal head dimensions. The last two output features are zero.
+    """
+    batch, heads, length, _ = query.shape
+    if query.dtype != torch.float32 or log_beta.dtype != torch.float32:
+        raise ValueError(f"the sdpa training attention needs float32 inputs, got {query.dtype} and {log_beta.dtype}; "
+                         "use train.attention=blockwise")
+    # Centred positions halve the size of the two products, and with it their rounding error.
+    positions = torch.arange(length, device=query.device, dtype=torch.float32) - (length - 1) / 2
+    unscale = 1.0 / scaling
+    query_extra = torch.stack([positions * unscale, torch.full_like(positions, unscale)], dim=-1)
+    query = torch.cat([query, query_extra.expand(batch, heads, length, 2)], dim=-1)
+    key = torch.cat([key, torch.stack([log_beta, -positions * log_beta], dim=-1)], dim=-1)
+    return query, key, F.pad(value, (0, 2))
+
+
+def sdpa_gated_attention(query, key, value, log_beta, scaling, document_ids=None, block_size=512):
+    """Compute retention-gated attention with the fused SDPA kernel, the age bias folded into the heads.
+
+    One causal call without documents. With packed documents the queries go in blocks of
+    `block_size`, each with a boolean (block x keys) mask, so no T x T tensor exists.
+
+    Args:
+        query: (batch, heads, T, dim); key, value: (batch, kv_heads, T, dim).
+        log_beta: (batch, kv_heads, T) or None for plain causal attention.
+        document_ids: (batch, T) or None.
+
+    Returns:
+        (batch, heads, T, dim).
+    """
+    dim = value.shape[-1]
+    if log_beta is not None:
+        query, key, value = fold_age_bias(query, key, value, log_beta, scaling)
+    if document_ids is None:
+        output = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return output[..., :dim]
+    if block_size <= 0:
+        raise ValueError(f"train.attention_block_size must be a positive integer, got {block_size}")
+    length = query.shape[2]
+    key_positions = torch.arange(length, device=query.device)
+    outputs = []
+    for start in range(0, length, block_size):
+        end = min(length, start + block_size)
+        allowed = _allowed(key_positions[start:end], key_positions[:end], document_ids, slice(start, end))
+        outputs.append(F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, :end], value[:, :, :end],
+                                                      attn_mask=allowed[:, None], scale=scaling, enable_gqa=True))
+    return torch.cat(outputs, dim=2)[..., :dim]
 
 
 def naive_gated_attention(query, key, value, log_beta, scaling, document_ids=None):

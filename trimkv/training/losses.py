@@ -88,31 +88,65 @@ def capacity_loss(occupancy: torch.Tensor, valid: torch.Tensor, budget: float, n
     raise ValueError(f"unknown loss.capacity_normalization {normalization!r}; use paper or released")
 
 
-def _occupancy_block(log_beta, valid, document_ids, start):
-    """S_t for t in [start, end) from the keys [0, end): log_beta (batch, kv_heads, end)."""
-    end = log_beta.shape[-1]
-    query_positions = torch.arange(start, end, device=log_beta.device)
-    key_positions = torch.arange(end, device=log_beta.device)
-    age = query_positions[:, None] - key_positions[None, :]  # (n, end)
-    weights = torch.exp(age.clamp(min=0).to(log_beta.dtype) * log_beta[:, :, None, :])  # (batch, kv_heads, n, end)
+def _occupancy_weights(log_beta, valid, document_ids, start, end):
+    """beta_i^(t - i) for keys i < end and queries t in [start, end), zero where i is not counted in S_t.
+
+    Returns the weights (batch, kv_heads, end, n), keys first, and the ages t - i, (end, n).
+    """
+    positions = torch.arange(end, device=log_beta.device, dtype=log_beta.dtype)
+    age = positions[None, start:end] - positions[:, None]
+    weights = torch.mul(age.clamp(min=0), log_beta[:, :, :end, None]).exp_()
     if document_ids is None:
-        # Right padding only follows the real tokens, so for a real query every key i <= t is real:
-        # the causal mask on the diagonal square is the whole mask (padding queries are zeroed below).
-        causal = torch.ones(end - start, end - start, dtype=torch.bool, device=log_beta.device).tril()
-        diagonal = weights[..., start:] * causal
-        occupancy = weights[..., :start].sum(dim=-1) + diagonal.sum(dim=-1)
+        # Right padding only follows the real tokens, so every key i <= t of a real query t is real
+        # (padding queries are zeroed by the caller), and only the diagonal square has future keys.
+        future = torch.ones(end - start, end - start, dtype=torch.bool, device=log_beta.device).tril(diagonal=-1)
+        weights[:, :, start:].masked_fill_(future, 0.0)
     else:
-        allowed = (age >= 0)[None] & valid[:, None, :] & (document_ids[:, start:, None] == document_ids[:, None, :])
-        occupancy = (weights * allowed[:, None]).sum(dim=-1)
-    return occupancy * valid[:, None, start:]
+        same = document_ids[:, None, :end, None] == document_ids[:, None, None, start:end]
+        weights.masked_fill_(~((age >= 0) & same & valid[:, None, :end, None]), 0.0)
+    return weights, age
+
+
+class _BlockwiseOccupancy(torch.autograd.Function):
+    """S_t in query blocks, forward and backward, keeping nothing but log beta between them.
+
+    dS_t / dlog beta_i = (t - i) beta_i^(t - i), so the backward recomputes each block's weights
+    once and contracts them with the incoming gradient; no autograd graph of the block is built.
+    """
+
+    @staticmethod
+    def forward(ctx, log_beta, valid, document_ids, block):
+        ctx.save_for_backward(log_beta, valid, document_ids)
+        ctx.block = block
+        occupancy = torch.empty_like(log_beta)
+        length = log_beta.shape[-1]
+        for start in range(0, length, block):
+            end = min(length, start + block)
+            weights, _ = _occupancy_weights(log_beta, valid, document_ids, start, end)
+            occupancy[..., start:end] = weights.sum(dim=-2)
+        return occupancy.mul_(valid[:, None, :])
+
+    @staticmethod
+    def backward(ctx, grad_occupancy):
+        log_beta, valid, document_ids = ctx.saved_tensors
+        grad_occupancy = grad_occupancy * valid[:, None, :]
+        grad_log_beta = torch.zeros_like(log_beta)
+        length = log_beta.shape[-1]
+        for start in range(0, length, ctx.block):
+            end = min(length, start + ctx.block)
+            weights, age = _occupancy_weights(log_beta, valid, document_ids, start, end)
+            weights.mul_(age)
+            grad_log_beta[..., :end] += torch.matmul(weights, grad_occupancy[..., start:end, None]).squeeze(-1)
+        return grad_log_beta, None, None, None
 
 
 def blockwise_soft_occupancy(log_beta: torch.Tensor, valid: torch.Tensor, document_ids: torch.Tensor | None = None,
                              block_size: int | None = 512) -> torch.Tensor:
     """S_t = sum over real tokens i <= t of the same document of beta_i^(t - i), in query blocks.
 
-    Each block of `block_size` positions is checkpointed, so forward and backward hold
-    O(block_size * T) terms at a time. `block_size=None` computes all positions in one block.
+    Forward and backward hold the (block_size x T) terms of one block at a time; the backward
+    recomputes them. `block_size=None` computes all positions in one block. The sum runs in
+    float32 whatever the dtype of `log_beta`.
 
     Args:
         log_beta: (batch, kv_heads, T).
@@ -120,20 +154,13 @@ def blockwise_soft_occupancy(log_beta: torch.Tensor, valid: torch.Tensor, docume
         document_ids: (batch, T) or None (one document per row).
 
     Returns:
-        (batch, kv_heads, T), zero at padding positions.
+        (batch, kv_heads, T) float32, zero at padding positions.
     """
     length = log_beta.shape[-1]
     block = length if block_size is None else int(block_size)
     if block <= 0:
         raise ValueError(f"loss.capacity_block_size must be a positive integer or null, got {block_size}")
-    needs_grad = torch.is_grad_enabled() and log_beta.requires_grad and block < length
-    blocks = []
-    for start in range(0, length, block):
-        end = min(length, start + block)
-        arguments = (log_beta[:, :, :end], valid[:, :end], None if document_ids is None else document_ids[:, :end], start)
-        blocks.append(checkpoint(_occupancy_block, *arguments, use_reentrant=False) if needs_grad
-                      else _occupancy_block(*arguments))
-    return torch.cat(blocks, dim=-1)
+    return _BlockwiseOccupancy.apply(log_beta.float(), valid, document_ids, max(block, 1))
 
 
 def capacity_sums(occupancy: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, document_weights: torch.Tensor,

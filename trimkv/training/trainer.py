@@ -164,10 +164,10 @@ class Trainer:
         if bool(train_cfg.get("gradient_checkpointing", False)):
             enable_layer_checkpointing(self.decoder)
         self.precision = self._resolve_precision(str(train_cfg.get("precision", "auto")))
-        self.attention_backend = resolve_backend(str(train_cfg.get("attention", "auto")), self.device)
+        self.attention_backend = resolve_backend(str(train_cfg.get("attention", "auto")), self.device, self.precision)
         if self.attention_backend == "flex" and self.device.type != "cuda":
             raise ValueError(f"train.attention=flex trains only on CUDA (torch {torch.__version__} has no FlexAttention "
-                             f"backward on {self.device.type}); use train.attention=blockwise or auto")
+                             f"backward on {self.device.type}); use train.attention=sdpa, blockwise or auto")
         self.attention_block_size = int(train_cfg.get("attention_block_size", 512))
         self.logit_block_size = train_cfg.get("logit_block_size")
         self.capacity_block_size = cfg.loss.get("capacity_block_size")
