@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from test_longmemeval import API_KEY, API_KEY_ENV, RECORDS, JudgeServer
+from test_longproc_travel import write_travel_folder
 from test_evaluate_cli import REPO
 from trimkv.evaluation.runner import evaluate
 
@@ -62,5 +63,24 @@ def test_longproc_countdown_reports_task_metrics(qwen3_model_dir, qwen3_tokenize
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert all(sample["prompt_tokens"] > 128 for sample in samples)  # the prompt overflows the budget
     assert all(sample["kv"]["retained_peak"] <= 129 for sample in samples)
+    for name in samples[0]["metrics"]:
+        assert name in metrics, name
+
+
+def test_longproc_travel_planning_reports_task_metrics(qwen3_model_dir, qwen3_tokenizer_dir, tmp_path):
+    data = write_travel_folder(tmp_path / "longproc")
+    cfg = compose_evaluate(
+        "model=qwen3", f"model.path={qwen3_model_dir}", f"model.tokenizer={qwen3_tokenizer_dir}",
+        "task=longproc_travel_planning", f"task.data_path={data}", "task.tier=8k",
+        "task.generation.max_new_tokens=4", "method=streamingllm", "budget=128", "limit=2", "num_threads=1",
+    )
+    metrics = evaluate(cfg, tmp_path / "run")
+    assert metrics["num_problems"] == 2
+    assert metrics["accuracy"] == 0.0
+    # The four greedy tokens of the random-weight model contain no <Plan> block.
+    assert metrics["extraction_rate"] == 0.0
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert sorted(sample["id"] for sample in samples) == ["3", "4"]  # the 8k records of the folder
+    assert all(sample["prompt_tokens"] > 128 for sample in samples)
     for name in samples[0]["metrics"]:
         assert name in metrics, name

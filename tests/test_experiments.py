@@ -8,6 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+import trimkv.tasks  # noqa: F401  (registers every task)
+from trimkv.tasks.base import TASK_REGISTRY
+
 REPO = Path(__file__).resolve().parents[1]
 EVALUATE_PRESETS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml") if not p.stem.startswith("train_"))
 
@@ -39,3 +42,19 @@ def test_table_presets_cover_the_paper_tables():
     assert math.task == "gsm8k,math500,aime24"
     assert math.budget == "64,128,256,512,1024,2048,4096"
     assert compose_preset("math_full").sweep_name == compose_preset("math_tables").sweep_name
+
+
+def test_longproc_presets_sweep_only_released_tiers():
+    swept = set()
+    for name in EVALUATE_PRESETS:
+        cfg = compose_preset(name)
+        if cfg.sweep_name != "longproc_tables":
+            continue
+        params = cfg.hydra.sweeper.params
+        tasks = str(params.task).split(",")
+        tiers = str(params["task.tier"]).split(",")
+        for task in tasks:
+            for tier in tiers:
+                assert tier in TASK_REGISTRY[task].tiers, f"{name} sweeps {task} at tier {tier}"
+                swept.add((task, tier))
+    assert {("longproc_travel_planning", "2k"), ("longproc_travel_planning", "8k")} <= swept

@@ -1,6 +1,6 @@
 """LongProc (Ye et al., 2025, arXiv 2501.05414): long procedural generation tasks.
 
-Five tasks are registered, each at the output-length tiers LongProc releases:
+Six tasks are registered, each at the output-length tiers LongProc releases:
 
 | task                         | tiers          | metric (see longproc_eval.py)               |
 |------------------------------|----------------|---------------------------------------------|
@@ -9,20 +9,29 @@ Five tasks are registered, each at the output-length tiers LongProc releases:
 | `longproc_tom_tracking`      | 0.5k, 2k, 8k   | every step of the belief trace matches      |
 | `longproc_pseudo_to_code`    | 0.5k, 2k       | the C++ passes the first 10 test cases      |
 | `longproc_html_to_tsv`       | 0.5k, 2k, 8k   | row-level F1 against the gold TSV           |
+| `longproc_travel_planning`   | 2k, 8k         | the `<Plan>` cities and days match the gold |
+
+Travel planning's search and metric are in longproc_travel.py.
 
 Data comes from a local folder in the layout of LongProc's GitHub release when `task.data_path`
 is set: `<data_path>/<task>/<task>_<tier>.json`, the task's `prompts.yaml` next to it, and for
-HTML to TSV the pages under `<data_path>/html_to_tsv/webpage/`. Prompts are built from the
-`USER_PROMPT` template of that `prompts.yaml`, filled with the same record fields as LongProc's
-`longproc/longproc_data.py` (princeton-pli/LongProc, commit 78e873a). Without `data_path`, the
-config `<task>_<tier>` of the Hub dataset `task.hub_path` (PrincetonPLI/LongProc) is read. Its
-rows contain the prompt already built (`input_prompt`), the gold output (`reference_output`)
-and a JSON `metadata` string.
+HTML to TSV the pages under `<data_path>/html_to_tsv/webpage/`. Travel planning is released
+as one file for both tiers, `<data_path>/travel_planning/travel_planning_all.json`. A tier takes
+the records whose `estimated_output_tokens` lies in [0, 2048) for 2k or [4096, 8192) for 8k,
+and the prompt's examples come from `travel_planning_icl_examples.json` in the same folder.
+Prompts are built from the `USER_PROMPT` template of that `prompts.yaml`, filled with the same
+record fields as LongProc's `longproc/longproc_data.py` (princeton-pli/LongProc, commit 78e873a).
+Without `data_path`, the config `<task>_<tier>` of the Hub dataset `task.hub_path`
+(PrincetonPLI/LongProc) is read. Its rows contain the prompt already built (`input_prompt`),
+the gold output (`reference_output`) and a JSON `metadata` string.
 
 NOTE: the Hub path has not been run here (no network). The metadata keys it reads (`nums`,
-`target`, `testcases`) are the ones lm-evaluation-harness's LongProc port reads from it.
+`target`, `testcases`, and `ground_truth_cities` and `ground_truth_durations` for travel
+planning) are the ones lm-evaluation-harness's LongProc port reads from it
+(`lm_eval/tasks/longproc/metrics.py`).
 
-Sample ids are the 0-based record index for local files and the row's `id` for the Hub.
+Sample ids are the 0-based record index in the data file for local files (for travel planning,
+the index in `travel_planning_all.json`) and the row's `id` for the Hub.
 """
 
 from __future__ import annotations
@@ -49,6 +58,11 @@ from trimkv.tasks.longproc_eval import (
     evaluate_tom_tracking,
     extract_cpp_code,
 )
+from trimkv.tasks.longproc_travel import (
+    evaluate_travel_planning,
+    travel_planning_demonstration,
+    travel_planning_examples,
+)
 from trimkv.tasks.metrics import DetailedGradeResult, summarize_metrics
 from trimkv.tasks.sandbox import CppSandbox, SandboxLimits
 from trimkv.utils.io import DataFileError, read_json_list
@@ -56,6 +70,9 @@ from trimkv.utils.io import DataFileError, read_json_list
 logger = logging.getLogger(__name__)
 
 LONGPROC_HUB_PATH = "PrincetonPLI/LongProc"
+
+# The `estimated_output_tokens` range [low, high) of each travel planning tier, as LongProc selects them.
+TRAVEL_PLANNING_OUTPUT_TOKENS = {"2k": (0, 2048), "8k": (4096, 8192)}
 
 # The headers that LongProc's pseudocode prompt lists as already included. Its evaluator
 # (`longproc/spoc_evaluator.py`) prepends exactly this text to the generated code.
@@ -99,7 +116,7 @@ class LongProcTask(Task):
         if not isinstance(cfg, DictConfig):
             cfg = OmegaConf.create(dict(cfg))
         super().__init__(cfg)
-        self.tier = str(cfg.get("tier", "0.5k"))
+        self.tier = str(cfg.get("tier", self.tiers[0]))
         if self.tier not in self.tiers:
             raise ValueError(
                 f"task {self.name!r} has no tier {self.tier!r}; choose one of {', '.join(self.tiers)} "
@@ -128,16 +145,13 @@ class LongProcTask(Task):
 
     def _load_local(self, root: Path, limit: int | None) -> tuple[list[Sample], str]:
         folder = root / self.longproc_name
-        data_file = folder / f"{self.dataset_name}.json"
-        hint = ("set task.data_path to the folder that contains <task>/<task>_<tier>.json (LongProc's data/ "
-                "folder), or check task.tier")
-        records = read_json_list(data_file, "records", hint, name="LongProc data file")
+        data_file, records = self.local_records(folder)
         template = _read_prompt_template(folder / "prompts.yaml")
         if limit is not None:
             records = records[:limit]
 
         samples = []
-        for index, record in enumerate(records):
+        for index, record in records:
             where = f"{data_file}: record {index + 1}"
             if not isinstance(record, dict):
                 raise DataFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -199,6 +213,14 @@ class LongProcTask(Task):
         return samples, source
 
     # Hooks for each task
+
+    def local_records(self, folder: Path) -> tuple[Path, list[tuple[int, Any]]]:
+        """Read this tier's records from the task folder; return the file and (index, record) pairs."""
+        data_file = folder / f"{self.dataset_name}.json"
+        hint = ("set task.data_path to the folder that contains <task>/<task>_<tier>.json (LongProc's data/ "
+                "folder), or check task.tier")
+        records = read_json_list(data_file, "records", hint, name="LongProc data file")
+        return data_file, list(enumerate(records))
 
     def prompt_fields(self, record: dict, folder: Path, where: str) -> dict[str, Any]:
         """Return the values that fill the task's USER_PROMPT template for one local record."""
@@ -399,6 +421,103 @@ class HtmlToTsvTask(LongProcTask):
 
     def evaluate(self, text, sample):
         return evaluate_html_to_tsv(text, sample.answer)
+
+
+@register_task("longproc_travel_planning")
+class TravelPlanningTask(LongProcTask):
+    """Travel planning: order the cities of a trip under fixed dates and one-way flights, by search.
+
+    The prompt's in-context examples and each record's gold solving procedure are generated by
+    the same depth-first search LongProc runs (`longproc_travel.travel_planning_demonstration`).
+    """
+
+    longproc_name = "travel_planning"
+    tiers = ("2k", "8k")
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self._demonstration: str | None = None
+
+    def local_records(self, folder):
+        data_file = folder / "travel_planning_all.json"
+        hint = ("set task.data_path to the folder that contains travel_planning/travel_planning_all.json "
+                "(LongProc's data/ folder)")
+        records = read_json_list(data_file, "records", hint, name="LongProc data file")
+        self._demonstration = _travel_planning_examples(folder / "travel_planning_icl_examples.json")
+
+        low, high = TRAVEL_PLANNING_OUTPUT_TOKENS[self.tier]
+        chosen = []
+        for index, record in enumerate(records):
+            where = f"{data_file}: record {index + 1}"
+            if not isinstance(record, dict):
+                raise DataFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            tokens = _field(record, "estimated_output_tokens", where)
+            if isinstance(tokens, bool) or not isinstance(tokens, (int, float)):
+                raise DataFileError(f"{where}: estimated_output_tokens must be a number, got {tokens!r}")
+            if low <= tokens < high:
+                chosen.append((index, record))
+        return data_file, chosen
+
+    def prompt_fields(self, record, folder, where):
+        # LongProc fills {demonstration} first and {problem} in a second format call. One call
+        # gives the same text as long as the examples contain no braces, as LongProc's do.
+        return {"demonstration": self._demonstration, "problem": _field(record, "disambig_question_text", where)}
+
+    def reference_output(self, record, where):
+        try:
+            return travel_planning_demonstration(record)
+        except ValueError as error:
+            raise DataFileError(f"{where}: {error}; fix or remove that record") from None
+
+    def local_meta(self, record, where):
+        meta = _travel_gold_stays(record, where)
+        if "id" in record:
+            meta["record_id"] = record["id"]
+        return meta
+
+    def hub_meta(self, metadata, where):
+        return _travel_gold_stays(metadata, where)
+
+    def _load_hub(self, limit):
+        samples, source = super()._load_hub(limit)
+        for sample in samples:
+            if "<Solving Procedure>" not in sample.answer:
+                raise DataFileError(
+                    f"{source}: row id {sample.id}: reference_output has no <Solving Procedure> block, which "
+                    f"partial accuracy compares against; check task.hub_path and task.tier"
+                )
+        return samples, source
+
+    def evaluate(self, text, sample):
+        return evaluate_travel_planning(text, sample.meta["cities"], sample.meta["durations"], sample.answer)
+
+
+def _travel_planning_examples(path: Path) -> str:
+    hint = "LongProc ships travel_planning_icl_examples.json next to travel_planning_all.json"
+    records = read_json_list(path, "example records", hint, name="LongProc in-context examples file")
+    try:
+        return travel_planning_examples(records)
+    except ValueError as error:
+        raise DataFileError(f"{path}: {error}; restore the file from LongProc's data/ folder") from None
+
+
+def _travel_gold_stays(record: dict, where: str) -> dict[str, Any]:
+    """Parse the gold `ground_truth_cities` (`A**B`) and `ground_truth_durations` (`3**4`)."""
+    cities_text = _field(record, "ground_truth_cities", where)
+    durations_text = _field(record, "ground_truth_durations", where)
+    cities = [city for city in str(cities_text).split("**") if city]
+    try:
+        durations = [int(days) for days in str(durations_text).split("**") if days]
+    except ValueError:
+        raise DataFileError(
+            f"{where}: ground_truth_durations must be whole numbers joined by '**', got {durations_text!r}"
+        ) from None
+    if not cities or len(cities) != len(durations):
+        raise DataFileError(
+            f"{where}: ground_truth_cities {cities_text!r} and ground_truth_durations {durations_text!r} "
+            f"must list the same positive number of stays"
+        )
+    return {"cities": cities, "durations": durations}
 
 
 @functools.lru_cache(maxsize=1)
