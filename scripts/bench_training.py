@@ -168,7 +168,8 @@ def run_worker(command: list[str], environment: dict[str, str], path: str, lengt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="sequence lengths T")
-    parser.add_argument("--paths", nargs="+", default=["plain", "naive", "blockwise", "efficient", "checkpointed"], help="paths to measure")
+    parser.add_argument("--paths", nargs="+", choices=["plain", *PATH_OVERRIDES],
+                        default=["plain", "naive", "blockwise", "efficient", "checkpointed"], help="paths to measure")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median reported)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--worker", nargs=2, metavar=("PATH", "LENGTH"), help=argparse.SUPPRESS)

@@ -102,6 +102,7 @@ def test_unknown_group_option_lists_the_choices(override, listed):
     (["method=snapkv", "budget=16", "method.params.window=32"], "method.window=32 is larger than budget=16"),
     (["method=streamingllm", "budget=4", "method.params.n_sink=4"], "n_sink=4"),
     (["method=trimkv"], "gates="),
+    (["limit=0"], "limit must be a positive integer or null, got 0"),
 ])
 def test_invalid_settings_fail_fast_with_the_fix(overrides, message, tmp_path):
     cfg = compose_evaluate(*overrides)

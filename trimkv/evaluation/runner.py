@@ -48,6 +48,9 @@ def check_settings(cfg: Any):
         raise ValueError("method=trimkv needs trained retention gates: set gates=<folder written by train.py>")
     if cfg.batch_size is None or int(cfg.batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {cfg.batch_size!r} (e.g. batch_size=8)")
+    limit = cfg.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or null, got {limit!r} (e.g. limit=50; limit=null for all)")
     return budget, buffer, policy
 
 
