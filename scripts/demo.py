@@ -9,13 +9,14 @@ Runs on a CPU with no network:
 4. draws retention and kept-token heatmaps of one sample for the trained gates
    (scripts/plot_retention.py) at the smallest budget.
 
-Usage: python scripts/demo.py [--budgets 32 64 128 192] [--limit 200] [--out outputs/demo]
+Usage: python scripts/demo.py [--budgets 48 64 128 192] [--limit 200] [--out outputs/demo]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ def run(arguments: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[32, 64, 128, 192],
+    parser.add_argument("--budgets", type=int, nargs="+", default=[48, 64, 128, 192],
                         help="KV budgets per layer and head to sweep (tokens)")
     parser.add_argument("--limit", type=int, default=200, help="evaluation problems per cell")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "demo", help="output folder")
@@ -55,6 +56,8 @@ def main() -> None:
     train_seconds = time.perf_counter() - started
 
     sweep_dir = out / "sweep"
+    # The gates are new, so results of an earlier demo in this folder must not be resumed.
+    shutil.rmtree(sweep_dir, ignore_errors=True)
     common = [f"limit={args.limit}", "num_threads=1"]
     run(["evaluate.py", "method=full", f"hydra.run.dir={sweep_dir / 'full'}", *common])
     run(["evaluate.py", "-m", "method=" + ",".join(POLICIES), "budget=" + ",".join(map(str, args.budgets)),

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from transformers import AutoModelForCausalLM
@@ -177,6 +178,32 @@ def test_rerun_with_other_settings_in_same_folder_is_rejected(synthetic_model_di
     changed = compose_evaluate(f"model.path={synthetic_model_dir}", "limit=2", "num_threads=1", "budget=99")
     with pytest.raises(ValueError, match="different settings.*budget"):
         evaluate(changed, tmp_path)
+
+
+def save_random_gates(model_dir, folder, seed):
+    from trimkv.gates import attach_gates, gate_config_for, save_gates
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = gate_config_for(model, intermediate_size=16, bias_init=2.0)
+    gates = attach_gates(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in gates:
+            gate.linear2.weight.copy_(torch.randn(gate.linear2.weight.shape, generator=generator))
+    save_gates(model, folder, config, {})
+
+
+def test_rerun_with_retrained_gates_rejected(synthetic_model_dir, tmp_path):
+    gates = tmp_path / "gates"
+    save_random_gates(synthetic_model_dir, gates, seed=0)
+    overrides = [f"model.path={synthetic_model_dir}", "limit=1", "num_threads=1", "method=trimkv", "budget=16",
+                 f"gates={gates}"]
+    evaluate(compose_evaluate(*overrides), tmp_path / "run")
+    evaluate(compose_evaluate(*overrides), tmp_path / "run")  # same gates: resumes
+
+    save_random_gates(synthetic_model_dir, gates, seed=1)
+    with pytest.raises(ValueError, match="different settings.*gates_sha256"):
+        evaluate(compose_evaluate(*overrides), tmp_path / "run")
 
 
 def test_wandb_offline_run_records_metrics(synthetic_model_dir, tmp_path, monkeypatch):

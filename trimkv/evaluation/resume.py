@@ -35,7 +35,32 @@ def result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     settings = {key: cfg.get(key) for key in _RESULT_KEYS}
     if isinstance(settings.get("model"), dict):
         settings["model"] = {key: settings["model"].get(key) for key in ("path", "tokenizer", "dtype")}
+    method = settings.get("method")
+    if isinstance(method, dict) and method.get("name") == "trimkv":
+        # Retraining writes new gates into the same folder, so the path alone would let a rerun
+        # continue with results of the old gates.
+        settings["gates_sha256"] = gates_digest(settings.get("gates"))
     return settings
+
+
+def gates_digest(gates: Any) -> str | None:
+    """SHA-256 over the files of a local gates folder; None for no gates or a W&B artifact name.
+
+    NOTE: a W&B alias such as `:latest` can point to new weights under the same name; only
+    local folders are hashed.
+    """
+    if not gates or str(gates).startswith("wandb:"):
+        return None
+    folder = Path(str(gates)).expanduser()
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(item for item in folder.iterdir() if item.is_file()):
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
