@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end at small sizes and write the results they promise.
 
-The speed and memory targets are checked by reading the numbers these scripts print on a quiet
-machine (docs/training.md, docs/benchmarks.md); here only their outputs and built-in checks are tested.
+The speed and memory targets are judged from the numbers these scripts print on a quiet machine
+(docs/training.md, docs/benchmarks.md). These tests check only their outputs and built-in checks.
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ def test_rerun_with_retrained_gates_rejected(synthetic_model_dir, tmp_path):
     overrides = [f"model.path={synthetic_model_dir}", "limit=1", "num_threads=1", "method=trimkv", "budget=16",
                  f"gates={gates}"]
     evaluate(compose_evaluate(*overrides), tmp_path / "run")
-    evaluate(compose_evaluate(*overrides), tmp_path / "run")  # same gates: resumes
+    evaluate(compose_evaluate(*overrides), tmp_path / "run")  # Same gates: the rerun resumes.
 
     save_random_gates(synthetic_model_dir, gates, seed=1)
     with pytest.raises(ValueError, match="different settings.*gates_sha256"):

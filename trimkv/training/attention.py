@@ -209,16 +209,9 @@ def fold_age_bias(query, key, value, log_beta, scaling):
 def sdpa_gated_attention(query, key, value, log_beta, scaling, document_ids=None, block_size=512):
     """Compute retention-gated attention with the fused SDPA kernel, the age bias folded into the heads.
 
-    One causal call without documents. With packed documents the queries go in blocks of
-    `block_size`, each with a boolean (block x keys) mask, so no T x T tensor exists.
-
-    Args:
-        query: (batch, heads, T, dim); key, value: (batch, kv_heads, T, dim).
-        log_beta: (batch, kv_heads, T) or None for plain causal attention.
-        document_ids: (batch, T) or None.
-
-    Returns:
-        (batch, heads, T, dim).
+    Without documents this is one causal call. With packed documents the queries go in blocks of
+    `block_size`, each with a boolean (block x keys) mask, so no T x T tensor exists. Arguments
+    and result are those of `blockwise_gated_attention`.
     """
     dim = value.shape[-1]
     if log_beta is not None:

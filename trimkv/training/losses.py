@@ -89,7 +89,7 @@ def capacity_loss(occupancy: torch.Tensor, valid: torch.Tensor, budget: float, n
 
 
 def _occupancy_weights(log_beta, valid, document_ids, start, end):
-    """beta_i^(t - i) for keys i < end and queries t in [start, end), zero where i is not counted in S_t.
+    """Compute beta_i^(t - i) for keys i < end and queries t in [start, end), zero where S_t omits i.
 
     Returns the weights (batch, kv_heads, end, n), keys first, and the ages t - i, (end, n).
     """
@@ -111,7 +111,7 @@ class _BlockwiseOccupancy(torch.autograd.Function):
     """S_t in query blocks, forward and backward, keeping nothing but log beta between them.
 
     dS_t / dlog beta_i = (t - i) beta_i^(t - i), so the backward recomputes each block's weights
-    once and contracts them with the incoming gradient; no autograd graph of the block is built.
+    once and contracts them with the incoming gradient. No autograd graph of a block is built.
     """
 
     @staticmethod
